@@ -1,0 +1,201 @@
+"""The dynamic decay spiking neuron (DSN), ../shared/spec/DSN.md:
+
+    a'_t    = CausalConv1D_k(X)_t                 (depthwise, sees X_{t-k+1..t})
+    alpha_t = sigmoid(a'_t) ** (1/tau)            (log alpha = logsigmoid(a') / tau, floored)
+    H_t     = alpha_t * H_{t-1} + (1 - alpha_t) * X_t
+    S_t     = clip(round(H_t), 0, N)
+
+The decay depends on X only, so H is a linear recurrence: `forward` runs it as a parallel scan
+(ops.scan), `step` runs it one token at a time with O(1) state. Both compute the conv with the same
+summation order and the membrane in float32, so they agree to rounding.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import check_cu_seqlens, scan
+from .base import check_choice, check_positive_int, check_sequence_input, check_step_input
+from .spike import SPIKE_MODES, SURROGATES, quantize_spikes
+
+# log(alpha) >= -20 (alpha >= 2e-9) is a hard reset in effect, and keeps chunked scans finite.
+LOG_DECAY_FLOOR = -20.0
+
+
+class DSNState(NamedTuple):
+    """O(1) serial state of a DSN layer: membrane H_{t-1} [B, C] (float32) and the conv's last k-1 inputs [B, k-1, C]."""
+
+    membrane: torch.Tensor
+    conv: torch.Tensor
+
+
+class DSN(nn.Module):
+    """Dynamic decay spiking neuron over [B, T, C] inputs; returns integer spikes 0..max_spike (float storage).
+
+    Args:
+        channels: number of neurons C.
+        kernel_size: taps k of the causal depthwise conv that sets the decay.
+        tau: the decay is sigmoid(conv)^(1/tau); tau > 0.
+        max_spike: N, the largest integer spike ("binary" mode uses N = 1).
+        spike_mode: "integer" (0..N) or "binary" (0/1).
+        surrogate: "rect" (straight-through on the clip range) or "atan" (arctan bumps at each threshold).
+        surrogate_alpha: sharpness a of the atan surrogate.
+        decay_init_range: (short, long) initial decays spread log-uniformly in 1 - alpha over the
+            channels, so the layer starts with memories from ~1/(1-short) to ~1/(1-long) steps.
+        backend: ops.scan backend used by forward ("auto", "torch", "naive", "triton").
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 4, tau: float = 0.25, max_spike: int = 4,
+                 spike_mode: str = "integer", surrogate: str = "rect", surrogate_alpha: float = 2.0,
+                 decay_init_range: tuple[float, float] = (0.5, 0.999), backend: str = "auto"):
+        super().__init__()
+        self.channels = check_positive_int("channels", channels)
+        self.kernel_size = check_positive_int("kernel_size", kernel_size)
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0 or not math.isfinite(tau):
+            raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+        self.tau = float(tau)
+        check_positive_int("max_spike", max_spike)
+        self.spike_mode = check_choice("spike_mode", spike_mode, SPIKE_MODES)
+        self.max_spike = 1 if spike_mode == "binary" else max_spike
+        self.surrogate = check_choice("surrogate", surrogate, SURROGATES)
+        if not surrogate_alpha > 0:
+            raise ValueError(f"surrogate_alpha must be > 0, got {surrogate_alpha!r}")
+        self.surrogate_alpha = float(surrogate_alpha)
+        lo, hi = decay_init_range
+        if not 0 < lo <= hi < 1:
+            raise ValueError(f"decay_init_range must satisfy 0 < short <= long < 1, got {decay_init_range!r}")
+        self.decay_init_range = (float(lo), float(hi))
+        self.backend = backend
+        # conv weight[c, j] multiplies X_{t-k+1+j}: j = k-1 is the current input
+        self.conv_weight = nn.Parameter(torch.empty(channels, kernel_size))
+        self.conv_bias = nn.Parameter(torch.empty(channels))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.kernel_size)
+        self.conv_weight.uniform_(-bound, bound)
+        lo, hi = self.decay_init_range
+        # 1 - alpha log-spaced from 1 - lo (short memory) down to 1 - hi (long memory)
+        one_minus = torch.logspace(math.log10(1 - lo), math.log10(1 - hi), self.channels, dtype=torch.float64)
+        alpha = 1 - one_minus
+        self.conv_bias.copy_(torch.logit(alpha ** self.tau).to(self.conv_bias.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, kernel_size={self.kernel_size}, tau={self.tau}, "
+                f"max_spike={self.max_spike}, spike_mode={self.spike_mode!r}, surrogate={self.surrogate!r}")
+
+    # -- shared pieces -------------------------------------------------------------------------
+    def _decay_logit(self, window: torch.Tensor, T: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal depthwise conv: window [B, k-1+T, C] (float32) -> a' [B, T, C]; same sum order as step.
+
+        positions [T] (position of each step in its packed document) hides taps before a document's start.
+        """
+        k = self.kernel_size
+        w = self.conv_weight.float()
+        out = self.conv_bias.float().expand(window.shape[0], T, self.channels)
+        for j in range(k):
+            tap = window[:, j : j + T]
+            if positions is not None and j < k - 1:
+                tap = tap * (positions >= k - 1 - j).to(tap.dtype)[None, :, None]
+            out = out + tap * w[:, j]
+        return out
+
+    def _log_decay(self, logit: torch.Tensor) -> torch.Tensor:
+        return (F.logsigmoid(logit) / self.tau).clamp(min=LOG_DECAY_FLOOR)
+
+    def spike(self, membrane: torch.Tensor) -> torch.Tensor:
+        return quantize_spikes(membrane, self.max_spike, self.surrogate, self.surrogate_alpha)
+
+    def initial_state(self, batch_size: int, device=None, dtype=torch.float32) -> DSNState:
+        """A fresh neuron: zero membrane, zero conv history."""
+        return DSNState(torch.zeros(batch_size, self.channels, device=device, dtype=torch.float32),
+                        torch.zeros(batch_size, self.kernel_size - 1, self.channels, device=device, dtype=dtype))
+
+    def _check_state(self, state, batch_size: int) -> None:
+        if not isinstance(state, DSNState):
+            raise TypeError(f"DSN: state must be a DSNState (from forward(return_state=True) or step), got {type(state).__name__}")
+        want_m, want_c = (batch_size, self.channels), (batch_size, self.kernel_size - 1, self.channels)
+        if tuple(state.membrane.shape) != want_m or tuple(state.conv.shape) != want_c:
+            raise ValueError(f"DSN: state shapes must be membrane {want_m} and conv {want_c}, got "
+                             f"{tuple(state.membrane.shape)} and {tuple(state.conv.shape)}")
+
+    # -- parallel form -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, state: DSNState | None = None, return_state: bool = False,
+                cu_seqlens: torch.Tensor | None = None, return_membrane: bool = False):
+        """x [B, T, C] -> spikes [B, T, C] (x's dtype), computed in parallel over T.
+
+        state: continue from a carried DSNState (a chunk of a longer stream); None is a fresh neuron.
+        cu_seqlens: packed documents in one row (B = 1): every document starts from a fresh neuron
+            (membrane and conv history), so nothing leaks across boundaries; state must be None and
+            the returned state holds one row per document.
+        Returns spikes, plus the new state if return_state, plus the float32 membrane if return_membrane.
+        """
+        check_sequence_input("DSN", x, self.channels)
+        B, T, C = x.shape
+        k = self.kernel_size
+        if cu_seqlens is not None and state is not None:
+            raise ValueError("DSN: pass either state or cu_seqlens (packed documents start fresh), not both")
+        if cu_seqlens is not None:
+            check_cu_seqlens("DSN", cu_seqlens, B, T)
+        if state is None:
+            history = x.new_zeros(B, k - 1, C, dtype=torch.float32)
+            membrane0 = None
+        else:
+            self._check_state(state, B)
+            history, membrane0 = state.conv.float(), state.membrane.float()
+        xf = x.float()
+        window = torch.cat([history, xf], dim=1)
+        positions = None if cu_seqlens is None else _positions_in_document(cu_seqlens, T, x.device)
+        log_decay = self._log_decay(self._decay_logit(window, T, positions))
+        drive = -torch.expm1(log_decay) * xf  # (1 - alpha) X
+        membrane, last = scan(drive, log_decay, membrane0, output_final_state=return_state,
+                              cu_seqlens=cu_seqlens, backend=self.backend)
+        spikes = self.spike(membrane).to(x.dtype)
+        out = (spikes,)
+        if return_state:
+            if cu_seqlens is None:
+                conv = window[:, window.shape[1] - (k - 1):]
+            else:
+                conv = _packed_conv_history(xf, cu_seqlens, k)
+            out += (DSNState(last, conv.to(x.dtype)),)
+        if return_membrane:
+            out += (membrane,)
+        return out[0] if len(out) == 1 else out
+
+    # -- serial form ---------------------------------------------------------------------------
+    def step(self, x_t: torch.Tensor, state: DSNState | None = None):
+        """One time step: x_t [B, C] -> (spikes [B, C], new DSNState). O(1) in the stream length."""
+        check_step_input("DSN", x_t, self.channels)
+        B = x_t.shape[0]
+        if state is None:
+            state = self.initial_state(B, x_t.device, x_t.dtype)
+        else:
+            self._check_state(state, B)
+        window = torch.cat([state.conv.float(), x_t.float().unsqueeze(1)], dim=1)  # [B, k, C]
+        log_decay = self._log_decay(self._decay_logit(window, 1))[:, 0]
+        membrane = torch.addcmul(-torch.expm1(log_decay) * x_t.float(), torch.exp(log_decay), state.membrane.float())
+        spikes = self.spike(membrane).to(x_t.dtype)
+        return spikes, DSNState(membrane, window[:, 1:].to(x_t.dtype))
+
+
+def _positions_in_document(cu_seqlens: torch.Tensor, T: int, device) -> torch.Tensor:
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    lengths = cu[1:] - cu[:-1]
+    starts = torch.repeat_interleave(cu[:-1], lengths, output_size=T)
+    return torch.arange(T, device=device) - starts
+
+
+def _packed_conv_history(x: torch.Tensor, cu_seqlens: torch.Tensor, k: int) -> torch.Tensor:
+    """Per document, its last k-1 inputs (zeros before its start): [N, k-1, C]."""
+    cu = cu_seqlens.tolist()
+    C = x.shape[-1]
+    rows = []
+    for s, e in zip(cu, cu[1:]):
+        tail = x[0, max(s, e - (k - 1)) : e]
+        rows.append(torch.cat([tail.new_zeros(k - 1 - tail.shape[0], C), tail], dim=0))
+    return torch.stack(rows, dim=0)

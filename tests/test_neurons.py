@@ -1,0 +1,220 @@
+"""DSN: parallel form == serial form, gradients, surrogates; baselines share the interface."""
+import math
+
+import pytest
+import torch
+
+from spikelm.neurons import DSN, LIF, PSN, DSNState, SlidingPSN, quantize_spikes, unfold_spikes
+from spikelm.ops import naive_scan
+
+
+def _serial(neuron, x, state=None):
+    outs = []
+    for t in range(x.shape[1]):
+        s, state = neuron.step(x[:, t], state)
+        outs.append(s)
+    return torch.stack(outs, dim=1), state
+
+
+@pytest.mark.parametrize("kernel_size", [1, 2, 4])
+@pytest.mark.parametrize("spike_mode", ["integer", "binary"])
+def test_forward_equals_loop_of_step(kernel_size, spike_mode):
+    neuron = DSN(24, kernel_size=kernel_size, spike_mode=spike_mode)
+    x = 2 * torch.randn(3, 200, 24)
+    with torch.no_grad():
+        spikes, state, membrane = neuron(x, return_state=True, return_membrane=True)
+        serial, serial_state = _serial(neuron, x)
+    assert torch.equal(spikes, serial)
+    torch.testing.assert_close(serial_state.membrane, state.membrane, atol=1e-5, rtol=0)
+    torch.testing.assert_close(serial_state.conv, state.conv)
+    assert set(spikes.unique().tolist()) <= set(range(neuron.max_spike + 1))
+
+
+def test_chunks_carrying_state_equal_one_pass():
+    neuron = DSN(16)
+    x = 2 * torch.randn(2, 301, 16)
+    with torch.no_grad():
+        whole, whole_state = neuron(x, return_state=True)
+        pieces, state = [], None
+        for a, b in [(0, 1), (1, 3), (3, 100), (100, 101), (101, 301)]:
+            s, state = neuron(x[:, a:b], state, return_state=True)
+            pieces.append(s)
+        # a serial step continues the parallel state too
+        s_next, _ = neuron.step(x[:, -1], state)
+    assert torch.equal(torch.cat(pieces, dim=1), whole)
+    torch.testing.assert_close(state.membrane, whole_state.membrane, atol=1e-5, rtol=0)
+    assert s_next.shape == (2, 16)
+
+
+def test_membrane_matches_the_definition():
+    """H_t = alpha H_{t-1} + (1 - alpha) X_t with alpha = sigmoid(conv(X))^(1/tau), against a float64 loop."""
+    neuron = DSN(8, kernel_size=3, tau=0.5).double()
+    x = torch.randn(2, 50, 8, dtype=torch.float64)
+    _, membrane = neuron(x.float(), return_membrane=True)
+    w, b = neuron.conv_weight, neuron.conv_bias
+    xp = torch.nn.functional.pad(x, (0, 0, 2, 0))
+    logit = b + sum(xp[:, j : j + 50] * w[:, j] for j in range(3))
+    alpha = torch.sigmoid(logit) ** (1 / 0.5)
+    h, _ = naive_scan((1 - alpha) * x, torch.log(alpha))
+    torch.testing.assert_close(membrane.double(), h.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_input_and_decay_conv():
+    neuron = DSN(8)
+    x = (2 * torch.randn(2, 40, 8)).requires_grad_()
+    neuron(x).pow(2).sum().backward()
+    for p in (x, neuron.conv_weight, neuron.conv_bias):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+def test_gradients_match_float64_autograd_of_the_definition():
+    neuron = DSN(6, kernel_size=2)
+    x = (2 * torch.randn(1, 30, 6, dtype=torch.float64)).requires_grad_()
+    neuron.double()
+    out = neuron(x, return_membrane=True)[1]
+    g1 = torch.autograd.grad(out.sum(), [x, neuron.conv_weight])
+    neuron_naive = DSN(6, kernel_size=2, backend="naive").double()
+    neuron_naive.load_state_dict(neuron.state_dict())
+    out2 = neuron_naive(x, return_membrane=True)[1]
+    g2 = torch.autograd.grad(out2.sum(), [x, neuron_naive.conv_weight])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_documents_do_not_leak():
+    neuron = DSN(8)
+    lengths = [5, 1, 17, 2]
+    cu = torch.tensor([0, 5, 6, 23, 25])
+    x = 2 * torch.randn(1, 25, 8)
+    with torch.no_grad():
+        packed, state = neuron(x, cu_seqlens=cu, return_state=True)
+        for n, (s, e) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+            alone, alone_state = neuron(x[:, s:e], return_state=True)
+            assert torch.equal(packed[:, s:e], alone)
+            torch.testing.assert_close(state.membrane[n], alone_state.membrane[0], atol=1e-6, rtol=0)
+            torch.testing.assert_close(state.conv[n], alone_state.conv[0])
+    assert len(lengths) == state.membrane.shape[0]
+
+
+def test_decay_init_spreads_memory():
+    neuron = DSN(64)
+    alpha = torch.sigmoid(neuron.conv_bias.detach().double()) ** (1 / neuron.tau)
+    assert alpha.min().item() == pytest.approx(0.5, abs=1e-6) and alpha.max().item() == pytest.approx(0.999, abs=1e-6)
+    assert (alpha.diff() > 0).all()
+
+
+def test_rect_surrogate_is_straight_through_on_clip_range():
+    h = torch.tensor([-1.0, -0.1, 0.0, 0.4, 0.6, 2.5, 3.9, 4.0, 4.2, 9.0], requires_grad=True)
+    s = quantize_spikes(h, 4, "rect")
+    assert s.tolist() == [0, 0, 0, 0, 1, 3, 4, 4, 4, 4]
+    s.sum().backward()
+    assert h.grad.tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 0, 0]
+
+
+def test_atan_surrogate_matches_formula():
+    h = torch.linspace(-1, 2, 31, requires_grad=True)
+    quantize_spikes(h, 1, "atan", alpha=2.0).sum().backward()
+    want = (2.0 / 2) / (1 + (math.pi / 2 * 2.0 * (h.detach() - 0.5)) ** 2)
+    torch.testing.assert_close(h.grad, want)
+    # integer mode: one bump per threshold, peaks at 0.5, 1.5, ...
+    h2 = torch.tensor([0.5, 1.5, 1.0], requires_grad=True)
+    quantize_spikes(h2, 2, "atan").sum().backward()
+    assert h2.grad[0] > h2.grad[2] and h2.grad[1] > h2.grad[2]
+
+
+def test_unfold_spikes_sums_back():
+    s = torch.randint(0, 5, (3, 7, 4)).float()
+    u = unfold_spikes(s, 4)
+    assert u.shape == (4, 3, 7, 4) and set(u.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(u.sum(0), s)
+    with pytest.raises(ValueError, match="integers in"):
+        unfold_spikes(s + 0.5, 4)
+
+
+def test_bfloat16_input_keeps_float32_membrane():
+    neuron = DSN(8)
+    x = torch.randn(2, 20, 8).bfloat16()
+    s, state = neuron(x, return_state=True)
+    assert s.dtype == torch.bfloat16 and state.membrane.dtype == torch.float32
+    s1, st1 = neuron.step(x[:, 0])
+    assert st1.membrane.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(tau=0), "tau"), (dict(tau=-1.0), "tau"), (dict(max_spike=0), "max_spike"),
+        (dict(kernel_size=0), "kernel_size"), (dict(spike_mode="ternary"), "spike_mode"),
+        (dict(surrogate="sigmoid"), "surrogate"), (dict(channels=0), "channels"),
+    ],
+)
+def test_dsn_bad_arguments(kwargs, match):
+    args = dict(channels=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        DSN(**args)
+
+
+def test_dsn_bad_inputs():
+    neuron = DSN(4)
+    with pytest.raises(ValueError, match=r"shape \[B, T, C=4\]"):
+        neuron(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="channels"):
+        neuron(torch.randn(1, 3, 5))
+    with pytest.raises(TypeError, match="floating"):
+        neuron(torch.ones(1, 3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"x_t must have shape \[B, C=4\]"):
+        neuron.step(torch.randn(1, 3, 4))
+    with pytest.raises(ValueError, match="state shapes"):
+        neuron(torch.randn(2, 3, 4), DSNState(torch.zeros(1, 4), torch.zeros(1, 3, 4)))
+
+
+@pytest.mark.parametrize("make", [lambda: LIF(8), lambda: LIF(8, reset="soft"), lambda: PSN(8, T=64),
+                                  lambda: SlidingPSN(8, k=3)])
+def test_baselines_share_the_interface(make):
+    neuron = make()
+    x = (3 * torch.randn(2, 40, 8)).requires_grad_()
+    s = neuron(x)
+    assert s.shape == x.shape and set(s.unique().tolist()) <= {0.0, 1.0}
+    s.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("make", [lambda: LIF(8), lambda: SlidingPSN(8, k=3)])
+def test_stateful_baselines_step_equals_forward(make):
+    neuron = make()
+    x = 3 * torch.randn(2, 30, 8)
+    with torch.no_grad():
+        assert torch.equal(neuron(x), _serial(neuron, x)[0])
+
+
+def test_lif_resets():
+    x = torch.full((1, 4, 1), 4.0)  # H jumps past threshold every step
+    hard, soft = LIF(1, beta=0.5, reset="hard"), LIF(1, beta=0.5, reset="soft")
+    _, v_hard = hard(x, return_state=True)
+    _, v_soft = soft(x, return_state=True)
+    assert v_hard.item() == 0.0  # V_reset
+    # soft: H = 0.5*V + 2, V = H - 1 -> fixed point V = 2
+    assert 1.0 < v_soft.item() <= 2.0
+
+
+def test_psn_is_causal_and_bounded_by_T():
+    neuron = PSN(4, T=16)
+    x = 3 * torch.randn(1, 16, 4)
+    y = x.clone()
+    y[:, 10:] = -y[:, 10:]
+    assert torch.equal(neuron(x)[:, :10], neuron(y)[:, :10])
+    assert torch.equal(neuron(x[:, :7]), neuron(x)[:, :7])  # shorter windows are prefixes
+    with pytest.raises(ValueError, match="built for T=16"):
+        neuron(torch.randn(1, 17, 4))
+    with pytest.raises(ValueError, match="keeps no state"):
+        neuron(x, return_state=True)
+
+
+def test_baseline_bad_arguments():
+    with pytest.raises(ValueError, match="reset"):
+        LIF(4, reset="none")
+    with pytest.raises(ValueError, match="T must be"):
+        PSN(4, T=0)
+    with pytest.raises(ValueError, match="k must be"):
+        SlidingPSN(4, k=0)
