@@ -1,6 +1,11 @@
-"""SpikeLM: language models on the dynamic decay spiking neuron (DSN)."""
+"""SpikeLM: language models on the dynamic decay spiking neuron (DSN).
+
+`import spikelm` registers SpikeLMConfig, SpikeLMModel and SpikeLMForCausalLM with transformers'
+AutoConfig, AutoModel and AutoModelForCausalLM.
+"""
 __version__ = "0.1.0"
 
 from . import neurons, ops  # noqa: E402
+from .models import SpikeLMCache, SpikeLMConfig, SpikeLMForCausalLM, SpikeLMModel  # noqa: E402
 
-__all__ = ["neurons", "ops", "__version__"]
+__all__ = ["SpikeLMCache", "SpikeLMConfig", "SpikeLMForCausalLM", "SpikeLMModel", "neurons", "ops", "__version__"]

@@ -5,3 +5,28 @@ from .spike import SPIKE_MODES, SURROGATES, quantize_spikes, unfold_spikes
 
 __all__ = ["DSN", "DSNState", "LIF", "LOG_DECAY_FLOOR", "PSN", "SPIKE_MODES", "SURROGATES", "SlidingPSN",
            "SlidingPSNState", "quantize_spikes", "unfold_spikes"]
+
+NEURON_TYPES = ("dsn", "lif", "psn", "sliding_psn")
+
+
+def build_neuron(neuron_type: str, channels: int, *, kernel_size: int = 4, tau: float = 0.25, max_spike: int = 4,
+                 spike_mode: str = "integer", surrogate: str = "rect", psn_T: int = 2048, sliding_psn_k: int = 4,
+                 lif_beta: float = 0.5, lif_reset: str = "hard", backend: str = "auto"):
+    """One neuron layer by name, so a model swaps neurons by config.
+
+    The spike settings (max_spike, spike_mode, surrogate) are the DSN's; the baselines fire binary
+    spikes with their standard arctan surrogate.
+    """
+    if neuron_type == "dsn":
+        return DSN(channels, kernel_size=kernel_size, tau=tau, max_spike=max_spike, spike_mode=spike_mode,
+                   surrogate=surrogate, backend=backend)
+    if neuron_type == "lif":
+        return LIF(channels, beta=lif_beta, reset=lif_reset, surrogate="atan")
+    if neuron_type == "psn":
+        return PSN(channels, T=psn_T, surrogate="atan")
+    if neuron_type == "sliding_psn":
+        return SlidingPSN(channels, k=sliding_psn_k, surrogate="atan")
+    raise ValueError(f"neuron_type must be one of {NEURON_TYPES}, got {neuron_type!r}")
+
+
+__all__ += ["NEURON_TYPES", "build_neuron"]

@@ -138,9 +138,12 @@ class SlidingPSN(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        # an exponentially fading window, the newest input weighted most
-        self.weight.copy_(torch.pow(0.5, torch.arange(self.k - 1, -1, -1, dtype=torch.float32)))
+        self.weight.copy_(self.initial_weight())
         self.bias.fill_(-1.0)
+
+    def initial_weight(self) -> torch.Tensor:
+        """An exponentially fading window, the newest input weighted most."""
+        return torch.pow(0.5, torch.arange(self.k - 1, -1, -1, dtype=torch.float32))
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, k={self.k}"

@@ -77,13 +77,24 @@ class DSN(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.kernel_size)
+        bound = self.conv_weight_bound()
         self.conv_weight.uniform_(-bound, bound)
+        self.conv_bias.copy_(self.initial_decay_bias())
+
+    def conv_weight_bound(self) -> float:
+        """The decay conv's weights start uniform in [-bound, bound] (PyTorch's default for a k-tap conv)."""
+        return 1.0 / math.sqrt(self.kernel_size)
+
+    def initial_decay_bias(self) -> torch.Tensor:
+        """Conv bias whose decays, for zero input, spread channels from short to long memory.
+
+        1 - alpha is log-spaced from 1 - short down to 1 - long, so memories range from ~2 steps to
+        ~1000 steps by default; a constant init would make every channel forget in a few steps.
+        """
         lo, hi = self.decay_init_range
-        # 1 - alpha log-spaced from 1 - lo (short memory) down to 1 - hi (long memory)
         one_minus = torch.logspace(math.log10(1 - lo), math.log10(1 - hi), self.channels, dtype=torch.float64)
         alpha = 1 - one_minus
-        self.conv_bias.copy_(torch.logit(alpha ** self.tau).to(self.conv_bias.dtype))
+        return torch.logit(alpha ** self.tau).to(self.conv_bias.dtype)
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, kernel_size={self.kernel_size}, tau={self.tau}, "

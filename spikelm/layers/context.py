@@ -1,0 +1,26 @@
+"""What every block needs to know about the tokens it processes, computed once per forward by the model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SequenceContext:
+    """Token layout of one forward pass over [B, T] positions.
+
+    valid: [B, T] bool, False at (left) padding: padding never reaches a membrane, conv history or KV cache.
+    positions: [B, T] long rotary positions (real token index, restarting at every packed document).
+    cu_seqlens: packed documents in one row (B = 1), or None: every state restarts at each boundary.
+    doc_ids: [B, T] long document index per position (packed mode), for attention masking.
+    """
+
+    valid: torch.Tensor | None
+    positions: torch.Tensor
+    cu_seqlens: torch.Tensor | None = None
+    doc_ids: torch.Tensor | None = None
+
+    def mask_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero the padded positions of a neuron's input: a fresh neuron fed zeros stays fresh."""
+        return x if self.valid is None else x * self.valid.unsqueeze(-1).to(x.dtype)

@@ -1,0 +1,51 @@
+"""norm -> spiking neuron: how every linear layer of a block gets its (integer spike) input."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..neurons import DSN, PSN, build_neuron
+from .context import SequenceContext
+from .norm import RMSNorm
+
+
+class NeuronLayer(nn.Module):
+    """RMSNorm then a spiking neuron over C channels: real values in, spikes 0..N out.
+
+    The norm sets the scale the neuron's threshold sees, whatever the layer before it learned.
+    Handles the token layout for every neuron type: left padding (inputs zeroed), packed
+    documents (native for the DSN, one document at a time for the baselines) and carried state.
+    """
+
+    def __init__(self, channels: int, neuron_kwargs: dict, eps: float = 1e-5):
+        super().__init__()
+        self.norm = RMSNorm(channels, eps)
+        self.neuron = build_neuron(channels=channels, **neuron_kwargs)
+
+    @property
+    def max_spike(self) -> int:
+        return self.neuron.max_spike
+
+    @property
+    def has_serial_state(self) -> bool:
+        return not isinstance(self.neuron, PSN)
+
+    def forward(self, x: torch.Tensor, ctx: SequenceContext, state=None, return_state: bool = False):
+        u = ctx.mask_input(self.norm(x))
+        if ctx.cu_seqlens is not None:
+            return self._packed(u, ctx.cu_seqlens), None
+        if isinstance(self.neuron, PSN):
+            return self.neuron(u), None
+        if return_state or state is not None:
+            if u.shape[1] == 1:  # decoding: the serial form, O(1) work per token
+                s, new_state = self.neuron.step(u[:, 0], state)
+                return s.unsqueeze(1), new_state
+            return self.neuron(u, state, return_state=True)
+        return self.neuron(u), None
+
+    def _packed(self, u: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.neuron, DSN):
+            return self.neuron(u, cu_seqlens=cu_seqlens)
+        cu = cu_seqlens.tolist()
+        parts = [self.neuron(u[:, s:e]) for s, e in zip(cu, cu[1:]) if e > s]
+        return torch.cat(parts, dim=1)

@@ -1,0 +1,40 @@
+"""Spiking SSM block: the DSN is the selective state-space core.
+
+    x ──┬─ norm → neuron → in_proj ─┬─ z    → norm → DSN (core: input-dependent decay, membrane = state) ─┐
+        │                           └─ gate → norm → binary neuron ─────────────────────────── × ─ out_proj ─┐
+        └────────────────────────────────────────────────────────────────────────────────────────────── + ─┴→ x'
+    x' ─┬─ norm → neuron → fc1 → norm → neuron → fc2 ─┐
+        └───────────────────────────────────────── + ─┴→ out
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .context import SequenceContext
+from .mlp import SpikingMLP
+from .neuron_layer import NeuronLayer
+
+
+class SpikingSSMBlock(nn.Module):
+    def __init__(self, hidden_size: int, ssm_expand: int, intermediate_size: int, neuron_kwargs: dict, eps: float):
+        super().__init__()
+        inner = ssm_expand * hidden_size
+        self.in_spikes = NeuronLayer(hidden_size, neuron_kwargs, eps)
+        self.in_proj = nn.Linear(hidden_size, 2 * inner, bias=False)
+        self.core = NeuronLayer(inner, neuron_kwargs, eps)
+        gate_kwargs = dict(neuron_kwargs, spike_mode="binary", surrogate="atan")
+        self.gate = NeuronLayer(inner, gate_kwargs, eps)
+        self.out_proj = nn.Linear(inner, hidden_size, bias=False)
+        self.mlp = SpikingMLP(hidden_size, intermediate_size, neuron_kwargs, eps)
+
+    def forward(self, x: torch.Tensor, ctx: SequenceContext, state: dict | None = None, return_state: bool = False):
+        state = state or {}
+        s, st_in = self.in_spikes(x, ctx, state.get("in"), return_state)
+        z, gate = self.in_proj(s).chunk(2, dim=-1)
+        y, st_core = self.core(z, ctx, state.get("core"), return_state)
+        g, st_gate = self.gate(gate, ctx, state.get("gate"), return_state)
+        x = x + self.out_proj(y * g)
+        m, st_mlp = self.mlp(x, ctx, state.get("mlp"), return_state)
+        new_state = {"in": st_in, "core": st_core, "gate": st_gate, "mlp": st_mlp} if return_state else None
+        return x + m, new_state

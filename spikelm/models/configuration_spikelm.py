@@ -1,0 +1,128 @@
+"""SpikeLMConfig: every field of a SpikeLM model, validated with errors that name the field."""
+from __future__ import annotations
+
+import math
+
+from transformers import PreTrainedConfig
+
+from ..neurons import NEURON_TYPES, SPIKE_MODES, SURROGATES
+
+BLOCK_TYPES = ("ssm", "attention")
+
+
+def default_block_types(num_hidden_layers: int) -> list[str]:
+    """The hybrid default: spiking SSM blocks with a spiking attention block as every fourth layer."""
+    return ["attention" if i % 4 == 3 else "ssm" for i in range(num_hidden_layers)]
+
+
+class SpikeLMConfig(PreTrainedConfig):
+    r"""Configuration of a SpikeLM model.
+
+    Args:
+        vocab_size: tokens in the vocabulary.
+        hidden_size: width of the residual stream.
+        num_hidden_layers: number of blocks.
+        block_types: "ssm" (spiking SSM block) or "attention" (spiking Transformer block) per layer;
+            default: SSM with attention as every fourth layer.
+        neuron_type: "dsn" (default) or a baseline, "lif", "psn", "sliding_psn", used in every layer.
+        tau, kernel_size, max_spike, spike_mode, surrogate: the DSN's settings (see spikelm.neurons.DSN).
+        psn_T: the time window of PSN neurons (inputs longer than this are an error for PSN).
+        sliding_psn_k: taps of sliding-PSN neurons. lif_beta, lif_reset: LIF decay and reset.
+        ssm_expand: inner width of the SSM core = ssm_expand * hidden_size.
+        mlp_ratio: MLP width = mlp_ratio * hidden_size (or intermediate_size when given).
+        num_attention_heads: heads of attention blocks (hidden_size must divide by it; head dim even).
+        attention_window: tokens each token attends to (itself included): bounds the KV cache;
+            None is full attention, whose cache grows with the text.
+        rope_theta: rotary base. rms_norm_eps: epsilon of the RMS norms.
+        tie_word_embeddings: the LM head shares the embedding matrix.
+        initializer_range: std of the normal init of linear and embedding weights.
+        use_cache: return the O(1) generation cache by default.
+    """
+
+    model_type = "spikelm"
+
+    def __init__(self, vocab_size: int = 32000, hidden_size: int = 512, num_hidden_layers: int = 8,
+                 block_types: list[str] | None = None, neuron_type: str = "dsn", tau: float = 0.25,
+                 kernel_size: int = 4, max_spike: int = 4, spike_mode: str = "integer", surrogate: str = "rect",
+                 psn_T: int = 2048, sliding_psn_k: int = 4, lif_beta: float = 0.5, lif_reset: str = "hard",
+                 ssm_expand: int = 2, mlp_ratio: int = 4, intermediate_size: int | None = None,
+                 num_attention_heads: int = 8, attention_window: int | None = 2048, rope_theta: float = 10000.0,
+                 rms_norm_eps: float = 1e-5, tie_word_embeddings: bool = True, initializer_range: float = 0.02,
+                 use_cache: bool = True, pad_token_id: int | None = None, bos_token_id: int | None = None,
+                 eos_token_id: int | None = None, **kwargs):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.block_types = list(block_types) if block_types is not None else default_block_types(num_hidden_layers)
+        self.neuron_type = neuron_type
+        self.tau = tau
+        self.kernel_size = kernel_size
+        self.max_spike = max_spike
+        self.spike_mode = spike_mode
+        self.surrogate = surrogate
+        self.psn_T = psn_T
+        self.sliding_psn_k = sliding_psn_k
+        self.lif_beta = lif_beta
+        self.lif_reset = lif_reset
+        self.ssm_expand = ssm_expand
+        self.mlp_ratio = mlp_ratio
+        self.intermediate_size = intermediate_size if intermediate_size is not None else mlp_ratio * hidden_size
+        self.num_attention_heads = num_attention_heads
+        self.attention_window = attention_window
+        self.rope_theta = rope_theta
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        self._validate()
+        super().__init__(tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id,
+                         bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
+
+    def _validate(self) -> None:
+        def positive_int(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"SpikeLMConfig.{name} must be an integer >= 1, got {v!r}")
+
+        def positive_float(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"SpikeLMConfig.{name} must be a finite number > 0, got {v!r}")
+
+        def choice(name, options):
+            if getattr(self, name) not in options:
+                raise ValueError(f"SpikeLMConfig.{name} must be one of {options}, got {getattr(self, name)!r}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "kernel_size", "max_spike", "psn_T",
+                     "sliding_psn_k", "ssm_expand", "mlp_ratio", "intermediate_size", "num_attention_heads"):
+            positive_int(name)
+        for name in ("tau", "rope_theta", "rms_norm_eps", "initializer_range"):
+            positive_float(name)
+        choice("neuron_type", NEURON_TYPES)
+        choice("spike_mode", SPIKE_MODES)
+        choice("surrogate", SURROGATES)
+        choice("lif_reset", ("hard", "soft"))
+        if not 0 <= self.lif_beta < 1:
+            raise ValueError(f"SpikeLMConfig.lif_beta must lie in [0, 1), got {self.lif_beta!r}")
+        if len(self.block_types) != self.num_hidden_layers:
+            raise ValueError(f"SpikeLMConfig.block_types must list one type per layer "
+                             f"(num_hidden_layers={self.num_hidden_layers}), got {len(self.block_types)}")
+        for i, t in enumerate(self.block_types):
+            if t not in BLOCK_TYPES:
+                raise ValueError(f"SpikeLMConfig.block_types[{i}] must be one of {BLOCK_TYPES}, got {t!r}")
+        if "attention" in self.block_types:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"SpikeLMConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                                 f"num_attention_heads ({self.num_attention_heads})")
+            if (self.hidden_size // self.num_attention_heads) % 2:
+                raise ValueError("SpikeLMConfig.num_attention_heads must leave an even head dim for rotary positions, "
+                                 f"got head dim {self.hidden_size // self.num_attention_heads}")
+        w = self.attention_window
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            raise ValueError(f"SpikeLMConfig.attention_window must be an integer >= 1 or None (full attention), got {w!r}")
+
+    def neuron_kwargs(self) -> dict:
+        """The settings every NeuronLayer of the model is built with."""
+        return dict(neuron_type=self.neuron_type, kernel_size=self.kernel_size, tau=self.tau,
+                    max_spike=self.max_spike, spike_mode=self.spike_mode, surrogate=self.surrogate,
+                    psn_T=self.psn_T, sliding_psn_k=self.sliding_psn_k, lif_beta=self.lif_beta,
+                    lif_reset=self.lif_reset)

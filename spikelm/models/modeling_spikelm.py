@@ -1,0 +1,320 @@
+"""SpikeLMModel and SpikeLMForCausalLM: a Hugging Face model over the spiking blocks.
+
+The prompt runs in parallel (scans); generation then steps one token at a time through a
+SpikeLMCache whose size does not depend on the text length. Works with `generate()` of
+transformers 5.17 (cache kwarg `past_key_values`) and later 5.x (`cache`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import field, make_dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.generation.utils import ALL_CACHE_NAMES
+from transformers.utils import ModelOutput
+
+from ..layers import NeuronLayer, RMSNorm, SequenceContext, SpikingAttentionBlock, SpikingSSMBlock
+from ..neurons import DSN, PSN, SlidingPSN
+from .cache import SpikeLMCache
+from .configuration_spikelm import SpikeLMConfig
+
+# transformers renamed the generation cache kwarg from `past_key_values` to `cache` (after 5.17)
+CACHE_NAME = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
+_CACHE_ALIASES = ("cache", "past_key_values", "cache_params")
+
+
+def _output_class(name: str, fields: list[str]) -> type:
+    """A ModelOutput dataclass whose cache field carries the name this transformers version expects."""
+    return make_dataclass(name, [(f, Any, field(default=None)) for f in fields], bases=(ModelOutput,))
+
+
+SpikeLMModelOutput = _output_class("SpikeLMModelOutput", ["last_hidden_state", CACHE_NAME, "hidden_states"])
+SpikeLMCausalLMOutput = _output_class("SpikeLMCausalLMOutput", ["loss", "logits", CACHE_NAME, "hidden_states"])
+
+
+def _pop_cache(kwargs: dict):
+    found = [kwargs.pop(name) for name in _CACHE_ALIASES if name in kwargs]
+    found = [c for c in found if c is not None]
+    return found[0] if found else None
+
+
+class SpikeLMPreTrainedModel(PreTrainedModel):
+    config_class = SpikeLMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SpikingSSMBlock", "SpikingAttentionBlock"]
+    _is_stateful = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # SpikeLMCache is made in prepare_inputs_for_generation
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Through transformers' init helpers, so weights loaded from a checkpoint are never re-initialised."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            # projections that write into the residual stream are scaled down with depth (GPT-2)
+            scale = math.sqrt(2 * self.config.num_hidden_layers) if getattr(module, "is_residual_out", False) else 1.0
+            init.normal_(module.weight, mean=0.0, std=std / scale)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, DSN):
+            bound = module.conv_weight_bound()
+            init.uniform_(module.conv_weight, -bound, bound)
+            init.copy_(module.conv_bias, module.initial_decay_bias())
+        elif isinstance(module, PSN):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            init.constant_(module.bias, -1.0)
+        elif isinstance(module, SlidingPSN):
+            init.copy_(module.weight, module.initial_weight())
+            init.constant_(module.bias, -1.0)
+
+
+class SpikeLMModel(SpikeLMPreTrainedModel):
+    def __init__(self, config: SpikeLMConfig):
+        super().__init__(config)
+        kw = config.neuron_kwargs()
+        eps = config.rms_norm_eps
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        layers = []
+        for block_type in config.block_types:
+            if block_type == "ssm":
+                block = SpikingSSMBlock(config.hidden_size, config.ssm_expand, config.intermediate_size, kw, eps)
+            else:
+                block = SpikingAttentionBlock(config.hidden_size, config.num_attention_heads, config.attention_window,
+                                              config.rope_theta, config.intermediate_size, kw, eps)
+            layers.append(block)
+        self.layers = nn.ModuleList(layers)
+        for block in self.layers:
+            for name in ("out_proj", "o_proj"):
+                if hasattr(block, name):
+                    getattr(block, name).is_residual_out = True
+            block.mlp.fc2.is_residual_out = True
+        self.final_spikes = NeuronLayer(config.hidden_size, kw, eps)  # the LM head reads spikes too
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    @property
+    def supports_cache(self) -> bool:
+        """PSN neurons have no serial form: a PSN model recomputes the whole text at every token."""
+        return self.config.neuron_type != "psn"
+
+    # -- input checks and token layout ---------------------------------------------------------
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.long, torch.int32, torch.int64, torch.int16, torch.uint8):
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = hi if hi >= self.config.vocab_size else lo
+                raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
+
+    @staticmethod
+    def _packed_layout(B: int, T: int, position_ids, cu_seqlens, device):
+        """Flatten [B, T] rows of packed documents into one row: (cu_seqlens, positions [1, BT], doc_ids [1, BT])."""
+        if cu_seqlens is not None:
+            if B != 1:
+                raise ValueError(f"cu_seqlens needs the packed documents in one row (batch size 1), got batch size {B}")
+            cu = cu_seqlens.to(device=device, dtype=torch.long)
+            if cu.dim() != 1 or cu.numel() < 2 or cu[0] != 0 or cu[-1] != T or (cu.diff() < 0).any():
+                raise ValueError(f"cu_seqlens must rise from 0 to seq_len={T}, got {cu.tolist()}")
+        else:
+            starts = position_ids.reshape(-1) == 0
+            starts[:: T] = True  # every row starts a document
+            idx = torch.nonzero(starts).flatten()
+            cu = torch.cat([idx, torch.tensor([B * T], device=device)])
+        lengths = cu.diff()
+        doc_ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=B * T)
+        positions = torch.arange(B * T, device=device) - torch.repeat_interleave(cu[:-1], lengths, output_size=B * T)
+        return cu, positions[None], doc_ids[None]
+
+    def _valid_mask(self, attention_mask, B: int, T: int, cache: SpikeLMCache | None):
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
+            raise ValueError(f"attention_mask must have shape [batch={B}, seq_len={T}] (or cover the cached tokens "
+                             f"too), got {tuple(attention_mask.shape)}")
+        full = attention_mask.bool()
+        if (full[:, 1:].int() < full[:, :-1].int()).any():
+            raise ValueError("attention_mask must be left-padded (zeros, then ones, in every row): padding after a "
+                             "token or in the middle of a row is not supported")
+        valid = full[:, -T:]
+        if cache is not None and cache.length > 0 and not valid.all():
+            raise ValueError("attention_mask marks padding in tokens that follow cached ones: pad on the left of the prompt only")
+        return None if valid.all() else valid
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cu_seqlens=None, inputs_embeds=None,
+                use_cache=None, output_hidden_states=None, return_dict=None, **kwargs):
+        cache = _pop_cache(kwargs)
+        kwargs.pop("cache_position", None)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            self._check_ids(input_ids)
+            inputs_embeds = self.embed_tokens(input_ids.long())
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"inputs_embeds must have shape [batch, seq_len, {self.config.hidden_size}], "
+                             f"got {tuple(inputs_embeds.shape)}")
+        B, T = inputs_embeds.shape[:2]
+        if T == 0:
+            raise ValueError("the input is empty (seq_len 0): give at least one token")
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        packed = cu_seqlens is not None or (
+            position_ids is not None and T > 1 and bool((position_ids[:, 1:] == 0).any()))
+        if use_cache and not self.supports_cache:
+            use_cache = False
+        if cache is not None and not self.supports_cache:
+            raise ValueError("a PSN model keeps no generation state: call it without a cache")
+
+        if packed:
+            if cache is not None:
+                raise ValueError("packed documents (cu_seqlens / position_ids restarting at 0) cannot continue a cache")
+            if attention_mask is not None and not attention_mask.bool().all():
+                raise ValueError("packed documents take no padding: attention_mask must be all ones")
+            cu, positions, doc_ids = self._packed_layout(B, T, position_ids, cu_seqlens, inputs_embeds.device)
+            ctx = SequenceContext(valid=None, positions=positions, cu_seqlens=cu, doc_ids=doc_ids)
+            hidden = inputs_embeds.reshape(1, B * T, -1)
+            use_cache = False
+        else:
+            if use_cache and cache is None:
+                cache = SpikeLMCache(len(self.layers))
+            valid = self._valid_mask(attention_mask, B, T, cache)
+            if self.config.neuron_type == "psn" and valid is not None:
+                raise ValueError("a PSN model cannot take left padding: PSN weights are tied to absolute time steps")
+            if cache is not None and cache.positions is not None and cache.batch_size != B:
+                raise ValueError(f"the cache holds {cache.batch_size} rows but the input has batch size {B}")
+            start = cache.positions if cache is not None and cache.positions is not None else \
+                torch.zeros(B, dtype=torch.long, device=inputs_embeds.device)
+            if position_ids is not None:
+                positions = position_ids.to(torch.long)
+            elif valid is None:
+                positions = start[:, None] + torch.arange(T, device=inputs_embeds.device)
+            else:
+                positions = start[:, None] + (valid.long().cumsum(1) - 1).clamp(min=0)
+            ctx = SequenceContext(valid=valid, positions=positions)
+            hidden = inputs_embeds
+
+        all_hidden = [] if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            if all_hidden is not None:
+                all_hidden.append(hidden)
+            state = cache.layers[i] if cache is not None else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden, new_state = self._gradient_checkpointing_func(layer.__call__, hidden, ctx, state, use_cache)
+            else:
+                hidden, new_state = layer(hidden, ctx, state, use_cache)
+            if use_cache:
+                cache.layers[i] = new_state
+        # the last state of final_spikes is kept in the cache too, as one more "layer" entry
+        final_state = getattr(cache, "final", None) if use_cache else None
+        spikes, final_state = self.final_spikes(hidden, ctx, final_state, use_cache)
+        if use_cache:
+            cache.final = final_state
+            n_new = ctx.valid.long().sum(1) if ctx.valid is not None else torch.full((B,), T, device=hidden.device)
+            cache.positions = (cache.positions if cache.positions is not None else torch.zeros_like(n_new)) + n_new
+            cache.length += T
+        if packed:
+            hidden, spikes = hidden.reshape(B, T, -1), spikes.reshape(B, T, -1)
+        if all_hidden is not None:
+            all_hidden.append(hidden.reshape(B, T, -1))
+        out = SpikeLMModelOutput(last_hidden_state=spikes, hidden_states=tuple(all_hidden) if all_hidden else None)
+        if use_cache:
+            out[CACHE_NAME] = cache
+        return out if return_dict is not False else out.to_tuple()
+
+
+class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: SpikeLMConfig):
+        super().__init__(config)
+        self.model = SpikeLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cu_seqlens=None, inputs_embeds=None,
+                labels=None, use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep=0, **kwargs):
+        """Causal LM forward. labels [B, T] are shifted inside (position t predicts token t+1); -100 is ignored,
+        and so are padded positions. logits_to_keep=n keeps the logits of the last n positions only."""
+        cache = _pop_cache(kwargs)
+        kwargs.pop("cache_position", None)
+        kwargs.pop("num_items_in_batch", None)
+        if kwargs:
+            raise TypeError(f"SpikeLMForCausalLM.forward got unexpected arguments: {sorted(kwargs)}")
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cu_seqlens=cu_seqlens, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_hidden_states=output_hidden_states, return_dict=True, **{CACHE_NAME: cache})
+        spikes = out.last_hidden_state
+        loss = None
+        if labels is not None:
+            if labels.shape != spikes.shape[:2]:
+                raise ValueError(f"labels must have shape {tuple(spikes.shape[:2])}, got {tuple(labels.shape)}")
+            logits_all = self.lm_head(spikes)
+            targets = labels[:, 1:].long()
+            if attention_mask is not None:
+                targets = targets.masked_fill(~attention_mask[:, -labels.shape[1]:][:, 1:].bool(), -100)
+            loss = F.cross_entropy(logits_all[:, :-1].float().reshape(-1, logits_all.shape[-1]),
+                                   targets.reshape(-1), ignore_index=-100)
+            logits = logits_all if not logits_to_keep else logits_all[:, -logits_to_keep:]
+        else:
+            kept = spikes if not logits_to_keep else spikes[:, -logits_to_keep:]
+            logits = self.lm_head(kept)
+        result = SpikeLMCausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        if out.get(CACHE_NAME) is not None:
+            result[CACHE_NAME] = out[CACHE_NAME]
+        return result if return_dict is not False else result.to_tuple()
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None, use_cache=True,
+                                      **kwargs):
+        """Only the tokens the cache has not seen go through the model: the whole prompt once (in parallel),
+        then one new token per step."""
+        cache = _pop_cache(kwargs)
+        use_cache = bool(use_cache) and self.model.supports_cache
+        if use_cache and cache is None:
+            cache = SpikeLMCache(len(self.model.layers))
+        inputs = {}
+        if use_cache and cache.length > 0:
+            inputs["input_ids"] = input_ids[:, cache.length:]
+        elif inputs_embeds is not None and (cache is None or cache.length == 0) and input_ids.shape[1] == 0:
+            inputs["inputs_embeds"] = inputs_embeds
+        else:
+            inputs["input_ids"] = input_ids
+        inputs["attention_mask"] = attention_mask
+        inputs["use_cache"] = use_cache
+        if use_cache:
+            inputs[CACHE_NAME] = cache
+        for key in ("logits_to_keep", "output_hidden_states", "return_dict"):
+            if key in kwargs:
+                inputs[key] = kwargs[key]
+        return inputs
