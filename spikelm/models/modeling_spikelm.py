@@ -145,7 +145,8 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         positions = torch.arange(B * T, device=device) - torch.repeat_interleave(cu[:-1], lengths, output_size=B * T)
         return cu, positions[None], doc_ids[None]
 
-    def _valid_mask(self, attention_mask, B: int, T: int, cache: SpikeLMCache | None):
+    @staticmethod
+    def _valid_mask(attention_mask, B: int, T: int):
         if attention_mask is None:
             return None
         if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
@@ -155,9 +156,8 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         if (full[:, 1:].int() < full[:, :-1].int()).any():
             raise ValueError("attention_mask must be left-padded (zeros, then ones, in every row): padding after a "
                              "token or in the middle of a row is not supported")
+        # a row still in its left padding keeps a fresh state: padded inputs are zeroed, which is exact
         valid = full[:, -T:]
-        if cache is not None and cache.length > 0 and not valid.all():
-            raise ValueError("attention_mask marks padding in tokens that follow cached ones: pad on the left of the prompt only")
         return None if valid.all() else valid
 
     # -- forward -------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         else:
             if use_cache and cache is None:
                 cache = SpikeLMCache(len(self.layers))
-            valid = self._valid_mask(attention_mask, B, T, cache)
+            valid = self._valid_mask(attention_mask, B, T)
             if self.config.neuron_type == "psn" and valid is not None:
                 raise ValueError("a PSN model cannot take left padding: PSN weights are tied to absolute time steps")
             if cache is not None and cache.positions is not None and cache.batch_size != B:

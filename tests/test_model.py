@@ -1,0 +1,347 @@
+"""SpikeLMForCausalLM: HF round trips, generation equivalence, packing, leakage, every block and neuron type."""
+import threading
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, TextIteratorStreamer, TextStreamer, pipeline
+
+from spikelm import SpikeLMCache, SpikeLMConfig, SpikeLMForCausalLM, SpikeLMModel
+from spikelm.data import train_bpe_tokenizer
+from spikelm.models import CACHE_NAME
+
+TINY = dict(vocab_size=97, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, attention_window=6,
+            ssm_expand=2, mlp_ratio=2)
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    return SpikeLMForCausalLM(SpikeLMConfig(**{**TINY, **overrides})).eval()
+
+
+def test_default_config_is_hybrid_and_auto_registered():
+    cfg = SpikeLMConfig()
+    assert cfg.model_type == "spikelm" and "attention" in cfg.block_types and cfg.block_types.count("ssm") > 4
+    assert isinstance(AutoConfig.for_model("spikelm"), SpikeLMConfig)
+    model = AutoModelForCausalLM.from_config(SpikeLMConfig(**TINY))
+    assert isinstance(model, SpikeLMForCausalLM)
+    assert isinstance(AutoModel.from_config(SpikeLMConfig(**TINY)), SpikeLMModel)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 17))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, SpikeLMForCausalLM)
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    # tied head stays tied
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_loading_never_reinitialises_weights(tmp_path):
+    model = tiny_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.123)  # no initialiser produces these values
+    model.save_pretrained(tmp_path)
+    loaded = SpikeLMForCausalLM.from_pretrained(tmp_path)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_loss_shifts_labels_inside():
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 12))
+    out = model(ids, labels=ids)
+    want = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, want)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    want = torch.nn.functional.cross_entropy(out.logits[:, 4:-1].reshape(-1, 97), ids[:, 5:].reshape(-1))
+    torch.testing.assert_close(model(ids, labels=labels).loss, want)
+
+
+def test_logits_to_keep():
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 12))
+    full = model(ids).logits
+    torch.testing.assert_close(model(ids, logits_to_keep=1).logits, full[:, -1:])
+
+
+@pytest.mark.parametrize("block_types", [["ssm", "attention", "ssm", "attention"], ["attention"] * 4, ["ssm"] * 4])
+def test_generation_equivalence_left_padded(block_types):
+    """Left-padded batch: parallel prefill of part of each row, then token-by-token decoding, equals one
+    full parallel forward of each unpadded row (fp32, CPU)."""
+    model = tiny_model(block_types=block_types)
+    lengths = [13, 9, 4]
+    T = max(lengths)
+    rows = [torch.randint(1, 97, (n,)) for n in lengths]
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):] = r
+        mask[b, T - len(r):] = 1
+    prefill = T - 5  # the shortest row is still all padding plus one token here
+    with torch.no_grad():
+        out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
+        cache = out[CACHE_NAME]
+        logits = [out.logits]
+        for t in range(prefill, T):
+            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], use_cache=True, **{CACHE_NAME: cache})
+            cache = out[CACHE_NAME]
+            logits.append(out.logits)
+        logits = torch.cat(logits, dim=1)
+        for b, r in enumerate(rows):
+            ref = model(r[None]).logits[0]
+            got = logits[b, T - len(r):]
+            assert (got - ref).abs().max().item() <= 1e-4
+
+
+def test_generate_greedy_matches_manual_loop_and_padding():
+    model = tiny_model()
+    a, b = torch.randint(1, 97, (1, 10)), torch.randint(1, 97, (1, 6))
+    with torch.no_grad():
+        def manual(ids, n=8):
+            for _ in range(n):
+                ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            return ids
+
+        ids = torch.zeros(2, 10, dtype=torch.long)
+        ids[0], ids[1, 4:] = a[0], b[0]
+        mask = torch.ones(2, 10, dtype=torch.long)
+        mask[1, :4] = 0
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[0], manual(a)[0])
+    assert torch.equal(out[1, 4:], manual(b)[0])
+
+
+def test_generate_sampling_beam_and_repetition_penalty():
+    model = tiny_model()
+    ids = torch.randint(1, 97, (2, 7))
+    torch.manual_seed(1)
+    s1 = model.generate(ids, max_new_tokens=6, do_sample=True, temperature=0.8, top_k=10, top_p=0.9,
+                        repetition_penalty=1.3, pad_token_id=0)
+    torch.manual_seed(1)
+    s2 = model.generate(ids, max_new_tokens=6, do_sample=True, temperature=0.8, top_k=10, top_p=0.9,
+                        repetition_penalty=1.3, pad_token_id=0)
+    assert s1.shape == (2, 13) and torch.equal(s1, s2)
+    beams = model.generate(ids, max_new_tokens=5, num_beams=3, num_return_sequences=2, do_sample=False,
+                           pad_token_id=0)
+    assert beams.shape == (4, 12)
+    assert torch.equal(beams[0, :7], ids[0]) and torch.equal(beams[2, :7], ids[1])
+
+
+def test_beam_search_reorders_cache_like_recomputation():
+    """The best beam's tokens must score as generate says when recomputed from scratch."""
+    model = tiny_model()
+    ids = torch.randint(1, 97, (1, 6))
+    out = model.generate(ids, max_new_tokens=6, num_beams=4, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True, pad_token_id=0, length_penalty=0.0)
+    seq = out.sequences[0:1]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(seq).logits[0, 5:-1], dim=-1)
+    total = logp.gather(1, seq[0, 6:, None]).sum()
+    # batched beams vs one row may differ by float rounding; a wrong reorder is off by whole nats
+    torch.testing.assert_close(total, out.sequences_scores[0], atol=2e-2, rtol=0)
+
+
+def test_cache_is_constant_size():
+    model = tiny_model()
+    ids = torch.randint(1, 97, (1, 4))
+    sizes = {}
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache = out[CACHE_NAME]
+        for step in range(1, 60):
+            out = model(ids[:, -1:], use_cache=True, **{CACHE_NAME: cache})
+            cache = out[CACHE_NAME]
+            sizes[step] = cache.nbytes()
+    assert isinstance(cache, SpikeLMCache)
+    assert sizes[10] == sizes[59]
+    membranes = [s for s in _tensors(cache) if s.dtype == torch.float32]
+    assert membranes  # float32 states
+
+
+def _tensors(cache):
+    from spikelm.models.cache import _tensors as t
+
+    return [x for layer in cache.layers for x in t(layer)]
+
+
+def test_states_float32_with_bf16_weights():
+    model = tiny_model().to(torch.bfloat16)
+    ids = torch.randint(1, 97, (1, 5))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True)[CACHE_NAME]
+    membrane = cache.layers[0]["core"].membrane
+    assert membrane.dtype == torch.float32
+
+
+def _packed_inputs():
+    docs = [torch.randint(1, 97, (n,)) for n in (7, 3, 11)]
+    return docs, torch.cat(docs)[None]
+
+
+@pytest.mark.parametrize("block_types", [["ssm", "attention", "ssm", "attention"]])
+@pytest.mark.parametrize("neuron_type", ["dsn", "lif", "sliding_psn"])
+def test_packed_equals_separate(block_types, neuron_type):
+    model = tiny_model(block_types=block_types, neuron_type=neuron_type)
+    docs, packed = _packed_inputs()
+    cu = torch.tensor([0, 7, 10, 21])
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    with torch.no_grad():
+        by_cu = model(packed, cu_seqlens=cu).logits[0]
+        by_pos = model(packed, position_ids=positions).logits[0]
+        for d, (s, e) in zip(docs, [(0, 7), (7, 10), (10, 21)]):
+            alone = model(d[None]).logits[0]
+            torch.testing.assert_close(by_cu[s:e], alone, atol=1e-4, rtol=0)
+            torch.testing.assert_close(by_pos[s:e], alone, atol=1e-4, rtol=0)
+
+
+def test_packed_rows_in_a_batch():
+    """position_ids restarting at 0 inside several rows: every row start and every reset is a boundary."""
+    model = tiny_model()
+    ids = torch.randint(1, 97, (2, 10))
+    pos = torch.tensor([list(range(4)) + list(range(6)), list(range(10))])
+    with torch.no_grad():
+        got = model(ids, position_ids=pos).logits
+        torch.testing.assert_close(got[0, :4], model(ids[:1, :4]).logits[0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(got[0, 4:], model(ids[:1, 4:]).logits[0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(got[1], model(ids[1:]).logits[0], atol=1e-4, rtol=0)
+
+
+def test_no_leakage_across_documents():
+    model = tiny_model(attention_window=64)
+    docs, packed = _packed_inputs()
+    cu = torch.tensor([0, 7, 10, 21])
+    changed = packed.clone()
+    changed[0, 7:10] = torch.randint(1, 97, (3,))  # document 1 changes
+    with torch.no_grad():
+        a = model(packed, cu_seqlens=cu).logits
+        b = model(changed, cu_seqlens=cu).logits
+    assert torch.equal(a[0, 10:], b[0, 10:])  # document 2 is untouched
+    assert torch.equal(a[0, :7], b[0, :7])
+    assert not torch.equal(a[0, 7:10], b[0, 7:10])
+
+
+def test_gradient_checkpointing_same_gradients():
+    model = tiny_model().train()
+    ids = torch.randint(0, 97, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(ids, labels=ids).loss.backward()
+    assert model.model.gradient_checkpointing
+    for n, p in model.named_parameters():
+        if n in want:
+            torch.testing.assert_close(p.grad, want[n], atol=1e-6, rtol=1e-5)
+
+
+def test_longer_than_window_and_training_length():
+    model = tiny_model(attention_window=4)
+    ids = torch.randint(1, 97, (1, 300))
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :100], use_cache=True)
+        cache, logits = out[CACHE_NAME], [out.logits]
+        for chunk in (ids[:, 100:250], ids[:, 250:]):  # parallel chunks carrying the state
+            out = model(chunk, use_cache=True, **{CACHE_NAME: cache})
+            cache = out[CACHE_NAME]
+            logits.append(out.logits)
+    assert torch.isfinite(full).all()
+    assert (torch.cat(logits, 1) - full).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("neuron_type", ["dsn", "lif", "psn", "sliding_psn"])
+@pytest.mark.parametrize("block_types", [["ssm", "ssm"], ["attention", "attention"]])
+def test_every_block_and_neuron_type(neuron_type, block_types):
+    model = tiny_model(neuron_type=neuron_type, block_types=block_types, num_hidden_layers=2, psn_T=32).train()
+    ids = torch.randint(1, 97, (2, 12))  # no pad id (0) inside, or generate would infer padding
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    model.eval()
+    gen = model.generate(ids[:, :5], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert gen.shape == (2, 9)
+    with torch.no_grad():
+        cur = ids[:, :5]
+        for _ in range(4):
+            cur = torch.cat([cur, model(cur).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(gen, cur)
+
+
+def test_binary_spike_mode_model():
+    model = tiny_model(spike_mode="binary", surrogate="atan")
+    ids = torch.randint(0, 97, (1, 8))
+    assert torch.isfinite(model(ids, labels=ids).loss)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    text = ["the spiking neuron fires when its membrane crosses the threshold. " * 3,
+            "a language model predicts the next token from the ones before it. " * 3] * 20
+    return train_bpe_tokenizer(text, vocab_size=300)
+
+
+def test_local_tokenizer_pipeline_and_streamers(tokenizer, capsys):
+    model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    gen = pipeline("text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    out = gen("the spiking neuron", max_new_tokens=5, do_sample=False)
+    assert out[0]["generated_text"].startswith("the spiking neuron")
+
+    ids = tokenizer(["the spiking neuron", "a model"], return_tensors="pt", padding=True)
+    assert ids["attention_mask"][1, 0] == 0  # left padding
+    model.generate(**ids, max_new_tokens=4, do_sample=False, streamer=None)
+
+    one = tokenizer("the spiking neuron", return_tensors="pt")
+    model.generate(**one, max_new_tokens=4, do_sample=False, streamer=TextStreamer(tokenizer))
+    assert "the spiking neuron" in capsys.readouterr().out
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    thread = threading.Thread(target=model.generate, kwargs=dict(**one, max_new_tokens=6, do_sample=False,
+                                                                 streamer=streamer))
+    thread.start()
+    streamed = "".join(streamer)
+    thread.join()
+    expected = model.generate(**one, max_new_tokens=6, do_sample=False)
+    assert streamed == tokenizer.decode(expected[0, one["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(vocab_size=0), "vocab_size"), (dict(hidden_size=-1), "hidden_size"),
+        (dict(block_types=["ssm", "mamba", "ssm", "ssm"]), r"block_types\[1\]"),
+        (dict(block_types=["ssm"]), "one type per layer"), (dict(neuron_type="izhikevich"), "neuron_type"),
+        (dict(tau=0.0), "tau"), (dict(max_spike=0), "max_spike"), (dict(spike_mode="ternary"), "spike_mode"),
+        (dict(surrogate="relu"), "surrogate"), (dict(num_attention_heads=5), "divisible"),
+        (dict(attention_window=0), "attention_window"), (dict(rope_theta=-1.0), "rope_theta"),
+        (dict(kernel_size=0), "kernel_size"), (dict(lif_reset="none"), "lif_reset"),
+    ],
+)
+def test_invalid_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SpikeLMConfig(**{**TINY, **kwargs})
+
+
+def test_bad_inputs():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="token id 97"):
+        model(torch.tensor([[1, 97]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        model(torch.tensor([[1, -1]]))
+    with pytest.raises(ValueError, match="empty"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        model(torch.ones(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="left-padded"):
+        model(torch.ones(1, 4, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 0, 1]]))
+    with pytest.raises(ValueError, match="input_ids must have shape"):
+        model(torch.ones(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        model(torch.ones(1, 4, dtype=torch.long), labels=torch.ones(1, 3, dtype=torch.long))
