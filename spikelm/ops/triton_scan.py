@@ -176,10 +176,10 @@ if triton is not None:
                              D, max_chunks, chunk_len, tau, max_spike,
                              MODE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
                              FROM_START: tl.constexpr, HAS_INIT: tl.constexpr, HAS_H0: tl.constexpr,
-                             WRITE_OUT2: tl.constexpr, BLOCK_D: tl.constexpr):
+                             WRITE_OUT: tl.constexpr, WRITE_OUT2: tl.constexpr, BLOCK_D: tl.constexpr):
         """Pass 3: the recurrence from the chunk's true start, writing the outputs of each step.
 
-        forward  scan: OUT = h.               DSN: OUT = spikes, OUT2 = H (float32) if WRITE_OUT2.
+        forward  scan: OUT = h.               DSN: OUT = spikes if WRITE_OUT, OUT2 = H (float32) if WRITE_OUT2.
         reverse  scan: OUT = dx, OUT2 = dg.   DSN: OUT = d a', OUT2 = dX.
         The sequence's terminal chunk (last forward, first in reverse) writes FINAL: the last state
         forward, d(initial state) = exp(dec before the first step) * state in reverse.
@@ -230,8 +230,9 @@ if triton is not None:
                     tl.store(OUT2 + p, s * decay_t * h_prev, mask=dmask)
             else:
                 if MODE == 1:
-                    spikes = tl.minimum(tl.maximum(tl.floor(s + 0.5), 0.0), max_spike)
-                    tl.store(OUT + p, spikes, mask=dmask)
+                    if WRITE_OUT:
+                        spikes = tl.minimum(tl.maximum(tl.floor(s + 0.5), 0.0), max_spike)
+                        tl.store(OUT + p, spikes, mask=dmask)
                     if WRITE_OUT2:
                         tl.store(OUT2 + p, s, mask=dmask)
                 else:
@@ -296,7 +297,7 @@ def run_scan_kernels(*, mode: int, reverse: bool, U, G, cu, n_seqs: int, max_len
     acc = acc or (tl.float64 if U.dtype == torch.float64 else tl.float32)
     buf_dtype = torch.float64 if acc == tl.float64 else torch.float32
     num_warps = max(1, BLOCK_D // 32)
-    dummy = out  # never read where its flag is off
+    dummy = final  # never touched where its flag is off
     common = dict(MODE=mode, REVERSE=reverse, ACC=acc, BLOCK_D=BLOCK_D)
     start = None
     if max_chunks > 1:
@@ -311,10 +312,11 @@ def run_scan_kernels(*, mode: int, reverse: bool, U, G, cu, n_seqs: int, max_len
             HAS_INIT=init is not None, REVERSE=reverse, ACC=acc, BLOCK_D=BLOCK_D, num_warps=num_warps)
     _chunk_output_kernel[(max_chunks, n_d, n_seqs)](
         U, G, H if H is not None else dummy, H0 if H0 is not None else dummy, X if X is not None else dummy,
-        init if init is not None else dummy, start if start is not None else dummy, cu, out,
+        init if init is not None else dummy, start if start is not None else dummy, cu,
+        out if out is not None else dummy,
         out2 if out2 is not None else dummy, final, D, max_chunks, L, float(tau), float(max_spike),
         FROM_START=start is not None, HAS_INIT=init is not None, HAS_H0=H0 is not None,
-        WRITE_OUT2=out2 is not None, num_warps=num_warps, **common)
+        WRITE_OUT=out is not None, WRITE_OUT2=out2 is not None, num_warps=num_warps, **common)
 
 
 class _TritonScan(torch.autograd.Function):

@@ -1,0 +1,382 @@
+"""Triton kernels (ops/triton_scan.py, ops/triton_dsn.py) against their torch paths and the naive float64 oracle.
+
+Kernel tests (named test_kernel_*) run on CUDA when there is a GPU, else on the CPU under the Triton
+interpreter. TRITON_INTERPRET=1 must be set before the kernels' module is first imported (triton.jit
+decides at decoration time), and other test modules may import it earlier in this process, so
+without a GPU `test_kernels_under_interpreter` reruns the kernel tests of this file in a fresh
+python with the variable set. Shapes are tiny: the interpreter runs every step in numpy.
+The torch paths, op registration and torch.compile tests need no Triton and run here directly.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spikelm.neurons import DSN
+from spikelm.ops import naive_scan, scan
+from spikelm.ops import triton_dsn
+from spikelm.ops.triton_dsn import dsn_fused, dsn_reference, dsn_step_, dsn_step_torch_
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEV = "cuda" if CUDA else "cpu"
+KERNELS_HERE = CUDA or INTERPRETED  # can this process run the Triton kernels?
+
+
+@pytest.fixture
+def kernels():
+    pytest.importorskip("triton")
+    from spikelm.ops import triton_scan  # noqa: PLC0415
+
+    assert triton_scan.is_available()
+    return triton_scan
+
+
+@pytest.mark.skipif(KERNELS_HERE, reason="the kernel tests already run in this process")
+def test_kernels_under_interpreter():
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(__file__) + "::TestKernels"]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"interpreter run failed:\n{r.stdout[-8000:]}\n{r.stderr[-4000:]}"
+    assert " passed" in r.stdout, r.stdout[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# scan
+# ---------------------------------------------------------------------------------------------
+def _inputs(B, T, D, init=True, n_init=None):
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    g = F.logsigmoid(torch.randn(B, T, D, dtype=torch.float64)) * 3
+    h0 = torch.randn(n_init or B, D, dtype=torch.float64) if init else None
+    return x, g, h0
+
+
+def _run(fn, x, g, h0, dtype, device=DEV):
+    """Outputs and gradients (float64, CPU) of a weighted loss on h and h_last."""
+    leaves = [None if t is None else t.detach().to(device=device, dtype=dtype).requires_grad_() for t in (x, g, h0)]
+    h, last = fn(*leaves)
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(h.shape, generator=gen, dtype=torch.float64)
+    wl = torch.randn(last.shape, generator=gen, dtype=torch.float64)
+    loss = (h.double().cpu() * w).sum() + (last.double().cpu() * wl).sum()
+    used = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(loss, used, allow_unused=True)  # T = 0: x and g take no part
+    return [h.double().cpu(), last.double().cpu()] + [
+        (torch.zeros_like(t) if gr is None else gr).double().cpu() for t, gr in zip(used, grads)]
+
+
+def _close(got, want, tol):
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=lambda m: f"output/grad #{i}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# fused DSN neuron
+# ---------------------------------------------------------------------------------------------
+def _dsn_inputs(B, T, C, init=True, n_init=None):
+    logit = torch.randn(B, T, C, dtype=torch.float64) * 3  # decays from hard reset (floor) to long memory
+    logit[..., 0] = -40.0  # a channel pinned at the log-decay floor (no gradient through the clamp)
+    x = torch.randn(B, T, C, dtype=torch.float64) * 3  # membranes across the whole 0..N range and outside
+    h0 = torch.randn(n_init or B, C, dtype=torch.float64) if init else None
+    return logit, x, h0
+
+
+def _dsn_run(fn, logit, x, h0, x_dtype, device):
+    state_dtype = torch.float64 if x_dtype == torch.float64 else torch.float32  # logit and membrane
+    leaves = [logit.detach().to(device=device, dtype=state_dtype), x.detach().to(device=device, dtype=x_dtype),
+              None if h0 is None else h0.detach().to(device=device, dtype=state_dtype)]
+    leaves = [None if t is None else t.requires_grad_() for t in leaves]
+    s, last = fn(*leaves)
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(s.shape, generator=gen, dtype=torch.float64)
+    wl = torch.randn(last.shape, generator=gen, dtype=torch.float64)
+    loss = (s.double().cpu() * w).sum() + (last.double().cpu() * wl).sum()
+    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None])
+    return [s.double().cpu(), last.double().cpu()] + [gr.double().cpu() for gr in grads]
+
+
+def _dsn_oracle(logit, x, h0, cu=None, tau=0.25, N=4):
+    return _dsn_run(lambda l_, x_, h_: dsn_reference(l_, x_, h_, cu, tau, N, backend="naive", dtype=torch.float64),
+                    logit, x, h0, torch.float64, "cpu")
+
+
+def _dsn_torch(logit, x, h0, cu=None, tau=0.25, N=4, x_dtype=torch.float32):
+    return _dsn_run(lambda l_, x_, h_: dsn_reference(l_, x_, h_, cu, tau, N), logit, x, h0, x_dtype, "cpu")
+
+
+def _dsn_kernel(logit, x, h0, cu=None, tau=0.25, N=4, chunk=None, x_dtype=torch.float32):
+    fn = lambda l_, x_, h_: dsn_fused(l_, x_, h_, None if cu is None else cu.to(DEV), tau, N,  # noqa: E731
+                                      output_final_state=True, chunk_len=chunk)
+    return _dsn_run(fn, logit, x, h0, x_dtype, DEV)
+
+
+def _assert_spikes_match(got, want, allowed=0.002):
+    # spikes are a staircase: a membrane within rounding of a threshold may flip; allow a few such
+    diff = (got[0] != want[0]).double().mean().item()
+    assert diff <= allowed, f"{diff:.4%} of spikes differ"
+    for i, (a, b) in enumerate(zip(got[1:], want[1:])):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"state/grad #{i + 1}: {m}")
+
+
+def test_dsn_torch_path_matches_oracle():
+    logit, x, h0 = _dsn_inputs(2, 40, 6)
+    _assert_spikes_match(_dsn_torch(logit, x, h0), _dsn_oracle(logit, x, h0))
+
+
+# ---------------------------------------------------------------------------------------------
+# decode step
+# ---------------------------------------------------------------------------------------------
+def _step_states(module, B, dtype, device):
+    st = module.initial_state(B, device, dtype)
+    return st.membrane.contiguous(), st.conv.contiguous()
+
+
+@pytest.mark.parametrize("k", [4, 1, 2])
+def test_step_torch_path_matches_module_step(k):
+    _check_step_against_module(dsn_step_torch_, k, "cpu")
+
+
+def _check_step_against_module(step_fn, k, device):
+    torch.manual_seed(0)
+    B, C = 3, 37
+    m = DSN(C, kernel_size=k).to(device)
+    membrane, conv = _step_states(m, B, torch.float32, device)
+    state = None
+    with torch.no_grad():
+        for _ in range(6):
+            x_t = torch.randn(B, C, device=device) * 3
+            s_ref, state = m.step(x_t, state)
+            s = step_fn(x_t, conv, membrane, m.conv_weight, m.conv_bias, m.tau, m.max_spike)
+            assert (s != s_ref).float().mean() <= 0.01
+            torch.testing.assert_close(membrane, state.membrane, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(conv, state.conv)
+
+
+def test_step_op_bad_arguments():
+    x = torch.randn(2, 5)
+    with pytest.raises(ValueError, match="conv_state must have shape"):
+        dsn_step_(x, torch.zeros(2, 2, 5), torch.zeros(2, 5), torch.randn(5, 4), torch.randn(5))
+    with pytest.raises(ValueError, match="membrane must be float32"):
+        dsn_step_(x, torch.zeros(2, 3, 5), torch.zeros(2, 5, dtype=torch.float64), torch.randn(5, 4), torch.randn(5))
+
+
+def test_fused_bad_arguments():
+    with pytest.raises(ValueError, match="logit and x must have the same shape"):
+        dsn_fused(torch.randn(1, 3, 2), torch.randn(1, 3, 4))
+    with pytest.raises(ValueError, match="initial_state must have shape"):
+        dsn_fused(torch.randn(2, 3, 2), torch.randn(2, 3, 2), torch.zeros(1, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration and torch.compile (CPU, torch impls)
+# ---------------------------------------------------------------------------------------------
+def test_ops_pass_opcheck():
+    logit, x, h0 = (t.float() for t in _dsn_inputs(1, 6, 3))
+    torch.library.opcheck(torch.ops.spikelm.dsn_fused.default,
+                          (logit.requires_grad_(), x.requires_grad_(), h0.requires_grad_(), None, 0.25, 4, None))
+    m = DSN(3)
+    membrane, conv = _step_states(m, 2, torch.float32, "cpu")
+    torch.library.opcheck(torch.ops.spikelm.dsn_step_.default,
+                          (torch.randn(2, 3), conv, membrane, m.conv_weight.detach(), m.conv_bias.detach(), 0.25, 4))
+
+
+def test_step_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    m = DSN(8)
+    w, b = m.conv_weight.detach(), m.conv_bias.detach()
+
+    def decode(xs, conv, membrane):
+        out = []
+        for t in range(xs.shape[1]):
+            out.append(dsn_step_(xs[:, t], conv, membrane, w, b, 0.25, 4))
+        return torch.stack(out, 1)
+
+    xs = torch.randn(2, 5, 8) * 3
+    mem1, conv1 = _step_states(m, 2, torch.float32, "cpu")
+    mem2, conv2 = _step_states(m, 2, torch.float32, "cpu")
+    compiled = torch.compile(decode, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break is an error
+    got = compiled(xs, conv1, mem1)
+    want = decode(xs, conv2, mem2)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(mem1, mem2)
+    torch.testing.assert_close(conv1, conv2)
+
+
+def test_fused_op_compiles_with_autograd():
+    torch._dynamo.reset()
+    logit, x, h0 = (t.float() for t in _dsn_inputs(2, 7, 3))
+
+    def f(l_, x_, h_):
+        s, last = dsn_fused(l_, x_, h_, output_final_state=True)
+        return (s * torch.arange(7.0)[None, :, None]).sum() + last.sum()
+
+    leaves = [t.clone().requires_grad_() for t in (logit, x, h0)]
+    torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves).backward()
+    ref = [t.clone().requires_grad_() for t in (logit, x, h0)]
+    f(*ref).backward()
+    for a, b in zip(leaves, ref):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_is_available_never_raises_without_triton(monkeypatch):
+    from spikelm.ops import triton_scan  # noqa: PLC0415
+
+    monkeypatch.setattr(triton_scan, "triton", None)
+    assert triton_scan.is_available() is False
+
+
+class TestKernels:
+    """Every Triton kernel against its torch path and the oracle; collected only where the kernels can run."""
+
+    __test__ = KERNELS_HERE  # elsewhere test_kernels_under_interpreter runs this class in a fresh process
+
+    @pytest.mark.parametrize("B,T,D,chunk,init", [
+        (1, 1, 1, None, True), (2, 13, 5, None, True), (2, 13, 5, 4, True), (1, 20, 37, 3, False),
+        (2, 7, 130, 2, True),  # two channel blocks, masked tail
+    ])
+    def test_kernel_scan_matches_torch_and_oracle(self, kernels, B, T, D, chunk, init):
+        x, g, h0 = _inputs(B, T, D, init)
+        want = _run(lambda *a: scan(*a, output_final_state=True, backend="naive"), x, g, h0, torch.float64, "cpu")
+        torch_path = _run(lambda *a: scan(*a, output_final_state=True, backend="torch"), x, g, h0, torch.float32, "cpu")
+        got = _run(lambda x_, g_, h_: kernels.triton_scan(x_, g_, h_, None, chunk), x, g, h0, torch.float32)
+        _close(got, want, 2e-5)
+        _close(torch_path, want, 2e-5)
+        if chunk is None:  # ops.scan's dispatch to this backend
+            via_scan = _run(lambda *a: scan(*a, output_final_state=True, backend="triton"), x, g, h0, torch.float32)
+            _close(via_scan, want, 2e-5)
+
+    @pytest.mark.parametrize("chunk", [None, 3])
+    def test_kernel_scan_float64_is_exact(self, kernels, chunk):
+        x, g, h0 = _inputs(2, 17, 6)
+        want = _run(lambda *a: naive_scan(*a), x, g, h0, torch.float64, "cpu")
+        got = _run(lambda x_, g_, h_: kernels.triton_scan(x_, g_, h_, None, chunk), x, g, h0, torch.float64)
+        _close(got, want, 1e-12)
+
+    def test_kernel_scan_final_state_gradient_only(self, kernels):
+        x, g, h0 = _inputs(2, 10, 4)
+        xs = x.float().to(DEV).requires_grad_()
+        hs = h0.float().to(DEV).requires_grad_()
+        _, last = kernels.triton_scan(xs, g.float().to(DEV), hs, None, 3)
+        last.sum().backward()
+        xo, ho = x.clone().requires_grad_(), h0.clone().requires_grad_()
+        naive_scan(xo, g, ho)[1].sum().backward()
+        torch.testing.assert_close(xs.grad.double().cpu(), xo.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hs.grad.double().cpu(), ho.grad, atol=1e-5, rtol=1e-5)
+
+    @pytest.mark.parametrize("chunk", [None, 2])
+    @pytest.mark.parametrize("lengths", [[3, 0, 7, 1], [0], [5, 0]])
+    def test_kernel_scan_packed_sequences(self, kernels, lengths, chunk):
+        D = 3
+        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+        T = int(cu[-1])
+        x, g, h0 = _inputs(1, T, D, n_init=len(lengths))
+        fn = lambda x_, g_, h_: kernels.triton_scan(x_, g_, h_, cu.to(x_.device), chunk)  # noqa: E731
+        got = _run(fn, x, g, h0, torch.float32)
+        want = _run(lambda *a: scan(*a, output_final_state=True, cu_seqlens=cu, backend="naive"), x, g, h0,
+                    torch.float64, "cpu")
+        torch_path = _run(lambda *a: scan(*a, output_final_state=True, cu_seqlens=cu, backend="torch"), x, g, h0,
+                          torch.float32, "cpu")
+        _close(got, want, 2e-5)
+        _close(torch_path, want, 2e-5)
+
+    def test_kernel_scan_bf16_inputs_accumulate_in_float32(self, kernels):
+        x, g, h0 = _inputs(2, 30, 8)
+        h, last = scan(x.bfloat16().to(DEV), g.bfloat16().to(DEV), h0.float().to(DEV), output_final_state=True,
+                       backend="triton")
+        assert h.dtype == torch.bfloat16 and last.dtype == torch.float32
+        want, want_last = naive_scan(x.bfloat16().double(), g.bfloat16().double(), h0.float().double())
+        torch.testing.assert_close(h.double().cpu(), want, atol=5e-2, rtol=1e-2)  # bf16 output rounding
+        torch.testing.assert_close(last.double().cpu(), want_last, atol=1e-5, rtol=1e-5)  # float32 state
+        xb = x.bfloat16().to(DEV).requires_grad_()
+        scan(xb, g.bfloat16().to(DEV), backend="triton")[0].float().sum().backward()
+        assert xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad.float()).all()
+
+    def test_kernel_scan_hard_resets_stay_finite(self, kernels):
+        # decays at the floor, exactly 0 (g = -inf) and near 1, over chunks: no NaN, matches the oracle
+        T, D = 60, 3
+        x = torch.randn(1, T, D, dtype=torch.float64)
+        u = torch.rand(1, T, D)
+        g = torch.where(u < 0.3, -20.0, torch.where(u < 0.4, float("-inf"), -1e-4)).double()
+        got = _run(lambda x_, g_, h_: kernels.triton_scan(x_, g_, h_, None, 7), x, g, None, torch.float32)
+        want = _run(lambda *a: naive_scan(*a), x, g, None, torch.float64, "cpu")
+        for t in got:
+            assert torch.isfinite(t).all()
+        _close(got, want, 1e-4)
+
+    def test_kernel_scan_64bit_offsets(self, kernels):
+        # T*D beyond 2^31 elements: every row offset must be formed in int64 (about 26 GB of GPU memory)
+        if not CUDA or torch.cuda.get_device_properties(0).total_memory < 40e9:
+            pytest.skip("needs a CUDA device with 40 GB: 2^31 float32 elements per tensor")
+        T, D = (1 << 21) + 3, 1024
+        x = torch.ones(1, T, D, device="cuda")
+        g = torch.full((1, T, D), math.log(0.5), device="cuda")
+        with torch.no_grad():
+            h, last = kernels.triton_scan(x, g, None, None)
+        # h_t = 2 - 2^-t: exactly 2 in float32 after ~25 steps; the tail past 2^31 elements must be written
+        assert torch.all(h[0, -3:] == 2.0) and torch.all(last == 2.0)
+        assert h[0, 0, 0].item() == 1.0 and h[0, 1, -1].item() == 1.5
+        del x, g, h
+
+    @pytest.mark.parametrize("B,T,C,chunk,init,tau,N", [
+        (2, 11, 5, None, True, 0.25, 4), (2, 11, 5, 3, True, 0.25, 4), (1, 9, 20, 4, False, 0.5, 1),
+    ])
+    def test_kernel_dsn_fused_matches_torch_and_oracle(self, kernels, B, T, C, chunk, init, tau, N):
+        logit, x, h0 = _dsn_inputs(B, T, C, init)
+        want = _dsn_oracle(logit, x, h0, tau=tau, N=N)
+        _assert_spikes_match(_dsn_kernel(logit, x, h0, tau=tau, N=N, chunk=chunk), want)
+        _assert_spikes_match(_dsn_torch(logit, x, h0, tau=tau, N=N), want)
+
+    @pytest.mark.parametrize("chunk", [None, 2])
+    def test_kernel_dsn_fused_packed(self, kernels, chunk):
+        lengths = [4, 0, 6, 1]
+        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+        logit, x, h0 = _dsn_inputs(1, int(cu[-1]), 3, n_init=len(lengths))
+        want = _dsn_oracle(logit, x, h0, cu)
+        _assert_spikes_match(_dsn_kernel(logit, x, h0, cu, chunk=chunk), want)
+        _assert_spikes_match(_dsn_torch(logit, x, h0, cu), want)
+
+    def test_kernel_dsn_fused_bf16_matches_unfused(self, kernels):
+        # bf16 X: the kernel must match the unfused composition on the same bf16 input (float32 inside)
+        logit, x, h0 = _dsn_inputs(2, 12, 4)
+        got = _dsn_kernel(logit, x, h0, chunk=5, x_dtype=torch.bfloat16)
+        want = _dsn_torch(logit, x, h0, x_dtype=torch.bfloat16)
+        assert (got[0] != want[0]).double().mean().item() <= 0.01
+        torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)  # float32 final state
+        for a, b in zip(got[2:], want[2:]):
+            torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)  # bf16 gradients for X
+
+    def test_kernel_dsn_fused_spikes_only_gradient(self, kernels):
+        logit, x, _ = _dsn_inputs(1, 8, 4)
+        xs = x.float().to(DEV).requires_grad_()
+        dsn_fused(logit.float().to(DEV), xs, chunk_len=3)[0].sum().backward()
+        xo = x.float().requires_grad_()
+        dsn_reference(logit.float(), xo)[0].sum().backward()
+        torch.testing.assert_close(xs.grad.cpu(), xo.grad, atol=1e-4, rtol=1e-4)
+
+    def test_kernel_dsn_module_uses_fused_kernel_on_cuda(self, kernels):
+        if not CUDA:
+            pytest.skip("DSN.forward picks the fused kernel for CUDA tensors only")
+        torch.manual_seed(0)
+        fused, plain = DSN(16, backend="triton").cuda(), DSN(16, backend="torch").cuda()
+        plain.load_state_dict(fused.state_dict())
+        x = (torch.randn(2, 300, 16, device="cuda") * 2).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        s1, st1 = fused(x, return_state=True)
+        s2, st2 = plain(x2, return_state=True)
+        assert (s1 != s2).float().mean() < 1e-3
+        torch.testing.assert_close(st1.membrane, st2.membrane, atol=1e-4, rtol=1e-4)
+        (s1.sum() + st1.membrane.sum()).backward()
+        (s2.sum() + st2.membrane.sum()).backward()
+        torch.testing.assert_close(x.grad, x2.grad, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(fused.conv_weight.grad, plain.conv_weight.grad, atol=1e-2, rtol=1e-3)
+
+    @pytest.mark.parametrize("k", [4, 1])
+    def test_kernel_step_matches_module_step(self, kernels, k):
+        _check_step_against_module(dsn_step_, k, DEV)
