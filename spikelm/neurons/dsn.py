@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import check_cu_seqlens, scan
+from ..ops import check_cu_seqlens, scan, triton_is_available
 from .base import check_choice, check_positive_int, check_sequence_input, check_step_input
 from .spike import SPIKE_MODES, SURROGATES, quantize_spikes
 
@@ -136,6 +136,11 @@ class DSN(nn.Module):
                              f"{tuple(state.membrane.shape)} and {tuple(state.conv.shape)}")
 
     # -- parallel form -------------------------------------------------------------------------
+    def _use_fused_kernel(self, x: torch.Tensor, return_membrane: bool) -> bool:
+        """The fused Triton kernel computes exactly the unfused rect-surrogate path, on CUDA only."""
+        return (x.is_cuda and self.surrogate == "rect" and self.backend in ("auto", "triton")
+                and not return_membrane and triton_is_available())
+
     def forward(self, x: torch.Tensor, state: DSNState | None = None, return_state: bool = False,
                 cu_seqlens: torch.Tensor | None = None, return_membrane: bool = False):
         """x [B, T, C] -> spikes [B, T, C] (x's dtype), computed in parallel over T.
@@ -162,11 +167,19 @@ class DSN(nn.Module):
         xf = x.float()
         window = torch.cat([history, xf], dim=1)
         positions = None if cu_seqlens is None else _positions_in_document(cu_seqlens, T, x.device)
-        log_decay = self._log_decay(self._decay_logit(window, T, positions))
-        drive = -torch.expm1(log_decay) * xf  # (1 - alpha) X
-        membrane, last = scan(drive, log_decay, membrane0, output_final_state=return_state,
-                              cu_seqlens=cu_seqlens, backend=self.backend)
-        spikes = self.spike(membrane).to(x.dtype)
+        logit = self._decay_logit(window, T, positions)
+        if self._use_fused_kernel(x, return_membrane):
+            # CUDA: decay, drive, scan and rect spikes in one Triton pass (ops/triton_dsn.py, issue 3)
+            from ..ops.triton_dsn import dsn_fused  # noqa: PLC0415
+
+            spikes, last = dsn_fused(logit, x, membrane0, cu_seqlens, self.tau, self.max_spike,
+                                     output_final_state=return_state)
+        else:
+            log_decay = self._log_decay(logit)
+            drive = -torch.expm1(log_decay) * xf  # (1 - alpha) X
+            membrane, last = scan(drive, log_decay, membrane0, output_final_state=return_state,
+                                  cu_seqlens=cu_seqlens, backend=self.backend)
+            spikes = self.spike(membrane).to(x.dtype)
         out = (spikes,)
         if return_state:
             if cu_seqlens is None:
