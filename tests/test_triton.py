@@ -130,6 +130,19 @@ def test_dsn_torch_path_matches_oracle():
     _assert_spikes_match(_dsn_torch(logit, x, h0), _dsn_oracle(logit, x, h0))
 
 
+@pytest.mark.parametrize("packed,init", [(False, True), (False, False), (True, True)])
+def test_fused_op_torch_impl_matches_oracle(packed, init):
+    # the op's own torch impls (forward and the explicit backward) where Triton does not run
+    if KERNELS_HERE:
+        pytest.skip("here the op dispatches to the Triton kernels (TestKernels covers them)")
+    lengths = [4, 0, 6, 1]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist()) if packed else None
+    B, T = (1, int(cu[-1])) if packed else (2, 9)
+    logit, x, h0 = _dsn_inputs(B, T, 3, init, n_init=len(lengths) if packed else None)
+    fn = lambda l_, x_, h_: dsn_fused(l_, x_, h_, cu, output_final_state=True)  # noqa: E731
+    _assert_spikes_match(_dsn_run(fn, logit, x, h0, torch.float32, "cpu"), _dsn_oracle(logit, x, h0, cu))
+
+
 # ---------------------------------------------------------------------------------------------
 # decode step
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from . import triton_scan as _ts
 from .scan import check_cu_seqlens, scan
+from .torch_scan import chunked_scan_forward
 
 LOG_DECAY_FLOOR = _ts.DSN_LOG_DECAY_FLOOR
 
@@ -67,15 +68,41 @@ def _torch_fused_forward(logit, x, h0, cu_seqlens, tau, max_spike):
 
 
 def _torch_fused_backward(grad_s, grad_last, logit, x, h0, cu_seqlens, tau, max_spike):
-    with torch.enable_grad():
-        leaves = [logit.detach().requires_grad_(), x.detach().requires_grad_()]
-        if h0 is not None:
-            leaves.append(h0.detach().requires_grad_())
-        s, last = dsn_reference(leaves[0], leaves[1], leaves[2] if h0 is not None else None, cu_seqlens,
-                                tau, max_spike, backend="torch")
-        grads = torch.autograd.grad((s, last), leaves, (grad_s, grad_last), allow_unused=True)
-    grads = [torch.zeros_like(l) if gr is None else gr for l, gr in zip(leaves, grads)]
-    return grads[0], grads[1], (grads[2] if h0 is not None else None)
+    """The backward kernel's math in torch ops (no autograd: a custom op's impl runs below it).
+
+    s_t = dS_t rect'(H_t) + alpha_{t+1} s_{t+1} (seeded by the final-state gradient), then
+    dX = (1 - alpha) s, d log-alpha = s alpha (H_{t-1} - X_t), d a' = d log-alpha / tau * sigmoid(-a')
+    where the floor is not active, d H_0 = alpha_0 s_0.
+    """
+    B, T, C = x.shape
+    lf, xf, gs = logit.float(), x.float(), grad_s.float()
+    ls = F.logsigmoid(lf) / tau
+    log_decay = ls.clamp(min=LOG_DECAY_FLOOR)
+    h0f = None if h0 is None else h0.float()
+    cu = [b * T for b in range(B + 1)] if cu_seqlens is None else cu_seqlens.tolist()
+    rows = lambda t: t.reshape(-1, C)  # noqa: E731  (packed rows [B*T, C])
+    d_logit, d_x = torch.empty_like(rows(lf)), torch.empty_like(rows(xf))
+    d_h0 = grad_last.float().clone()
+    for n, (s, e) in enumerate(zip(cu, cu[1:])):
+        if e == s:
+            continue  # an empty sequence: d H_0 = the final-state gradient
+        ld, xs, lo = rows(log_decay)[s:e], rows(xf)[s:e], rows(lf)[s:e]
+        start = None if h0f is None else h0f[n]
+        h, _ = chunked_scan_forward((-torch.expm1(ld) * xs)[None], ld[None], None if start is None else start[None])
+        h = h[0]
+        u = rows(gs)[s:e] * ((h >= 0) & (h <= max_spike)).float()
+        ld_next = torch.cat([ld[1:], ld.new_zeros(1, C)])  # the final-state gradient enters undecayed
+        adj, _ = chunked_scan_forward(u.flip(0)[None].contiguous(), ld_next.flip(0)[None].contiguous(),
+                                      grad_last[n : n + 1].float())
+        adj = adj[0].flip(0)
+        h_prev = torch.cat([(start if start is not None else h.new_zeros(C))[None], h[:-1]])
+        alpha = torch.exp(ld)
+        dg = adj * alpha * (h_prev - xs)
+        d_logit[s:e] = torch.where(rows(ls)[s:e] >= LOG_DECAY_FLOOR, dg / tau * torch.sigmoid(-lo), 0.0)
+        d_x[s:e] = -torch.expm1(ld) * adj
+        d_h0[n] = alpha[0] * adj[0]
+    return (d_logit.view(B, T, C).to(logit.dtype), d_x.view(B, T, C).to(x.dtype),
+            None if h0 is None else d_h0.to(h0.dtype))
 
 
 # ----------------------------------------------------------------------------------------------
