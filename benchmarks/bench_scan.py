@@ -4,7 +4,7 @@ Bytes that must move, float32: forward reads x and g and writes h (12 bytes per 
 forward+backward adds reading dh, g and h and writing dx and dg (20 more: 32 bytes per element).
 Copy bandwidth is torch's copy_ between two large preallocated buffers, counting bytes read plus
 bytes written (8 per element), so the two figures compare directly. Best of --repeat runs after
---warmup runs; the host's load average is recorded before and after, since other jobs may share it.
+--warmup runs (wall clock; the process's CPU time is recorded too); the host's load average is recorded before and after, since other jobs may share it.
 
     python benchmarks/bench_scan.py                         # the full table, JSON under benchmarks/results/
     python benchmarks/bench_scan.py --T 1024,16384 --BD 4096 --repeat 5
@@ -60,13 +60,14 @@ def best_time(fn, device, warmup, repeat):
     for _ in range(warmup):
         fn()
     sync(device)
-    times = []
+    walls, cpus = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         sync(device)
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return min(walls), min(cpus)  # wall seconds, and this process's CPU seconds (all its threads)
 
 
 def copy_bandwidth(device, n_bytes=1 << 30, repeat=10):
@@ -74,7 +75,7 @@ def copy_bandwidth(device, n_bytes=1 << 30, repeat=10):
     n = n_bytes // 8  # two float32 buffers of n_bytes / 2 each
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src).fill_(0)  # touched once, so page faults are not timed
-    t = best_time(lambda: dst.copy_(src), device, 2, repeat)
+    t, _ = best_time(lambda: dst.copy_(src), device, 2, repeat)
     return 2 * 4 * n / t / 1e9
 
 
@@ -125,7 +126,8 @@ def main(argv=None):
     print(f"copy bandwidth {copy_before:.1f} GB/s (read+write), {args.threads} threads, load {load_before}")
 
     rows = []
-    header = f"{'backend':>8} {'B*D':>6} {'T':>6} | {'fwd ms':>9} {'GB/s':>6} {'%copy':>6} | {'fwd+bwd ms':>10} {'GB/s':>6}"
+    header = (f"{'backend':>8} {'B*D':>6} {'T':>6} | {'fwd ms':>9} {'cpu ms':>8} {'GB/s':>6} {'%copy':>6} |"
+              f" {'fwd+bwd ms':>10} {'cpu ms':>9} {'GB/s':>6}")
     print(header + "\n" + "-" * len(header))
     for bd in args.BD:
         B, D = args.B, bd // args.B
@@ -139,10 +141,11 @@ def main(argv=None):
                 if name == "naive" and T > args.naive_max_T:
                     continue
                 with torch.no_grad():
-                    t_fwd = best_time(lambda: run_candidate(name, x, g), device, args.warmup, args.repeat)
-                row = dict(backend=name, B=B, D=D, T=T, fwd_s=t_fwd, fwd_GBps=FWD_BYTES * n / t_fwd / 1e9)
+                    t_fwd, c_fwd = best_time(lambda: run_candidate(name, x, g), device, args.warmup, args.repeat)
+                row = dict(backend=name, B=B, D=D, T=T, fwd_s=t_fwd, fwd_cpu_s=c_fwd, fwd_GBps=FWD_BYTES * n / t_fwd / 1e9)
                 row["fwd_pct_copy"] = 100 * row["fwd_GBps"] / copy_before
-                line = f"{name:>8} {bd:>6} {T:>6} | {1e3 * t_fwd:>9.2f} {row['fwd_GBps']:>6.2f} {row['fwd_pct_copy']:>5.1f}% |"
+                line = (f"{name:>8} {bd:>6} {T:>6} | {1e3 * t_fwd:>9.2f} {1e3 * c_fwd:>8.2f} {row['fwd_GBps']:>6.2f}"
+                        f" {row['fwd_pct_copy']:>5.1f}% |")
                 if not args.no_backward:
                     xr, gr = x.clone().requires_grad_(), g.clone().requires_grad_()
 
@@ -150,9 +153,9 @@ def main(argv=None):
                         xr.grad = gr.grad = None
                         run_candidate(name, xr, gr).backward(dh)
 
-                    t_fb = best_time(fwd_bwd, device, args.warmup, args.repeat)
-                    row.update(fwd_bwd_s=t_fb, fwd_bwd_GBps=FWD_BWD_BYTES * n / t_fb / 1e9)
-                    line += f" {1e3 * t_fb:>10.2f} {row['fwd_bwd_GBps']:>6.2f}"
+                    t_fb, c_fb = best_time(fwd_bwd, device, args.warmup, args.repeat)
+                    row.update(fwd_bwd_s=t_fb, fwd_bwd_cpu_s=c_fb, fwd_bwd_GBps=FWD_BWD_BYTES * n / t_fb / 1e9)
+                    line += f" {1e3 * t_fb:>10.2f} {1e3 * c_fb:>9.2f} {row['fwd_bwd_GBps']:>6.2f}"
                 print(line, flush=True)
                 rows.append(row)
 
