@@ -1,0 +1,142 @@
+"""Raw text datasets: local .txt / .jsonl / .parquet files (files, globs, folders) or a `datasets` dataset.
+
+Every problem with the inputs (a missing path, a glob that matches nothing, an empty file, a
+file type we cannot read, a missing text column, a split without text) is a DataError that names
+the path or the key, raised before anything is written anywhere.
+"""
+from __future__ import annotations
+
+import glob as _glob
+import os
+from pathlib import Path
+
+import datasets
+
+# file extension -> datasets' packaged builder
+BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+SAMPLE_BY = ("line", "paragraph", "document")
+
+
+class DataError(ValueError):
+    """A problem with the training or validation data, named precisely."""
+
+
+def resolve_data_files(spec, what: str = "train_file") -> list[str]:
+    """Expand a data spec into a sorted list of readable, non-empty files of one type.
+
+    spec: a path, a glob ("data/*.txt"), a folder (every supported file under it, recursively), or
+    a list / comma-separated string of these.
+    """
+    if spec is None:
+        return []
+    items = list(spec) if isinstance(spec, (list, tuple)) else [s for s in str(spec).split(",")]
+    items = [str(s).strip() for s in items if str(s).strip()]
+    if not items:
+        raise DataError(f"--{what} is empty")
+    files: list[str] = []
+    for item in items:
+        if any(c in item for c in "*?["):
+            matched = sorted(p for p in _glob.glob(item, recursive=True) if os.path.isfile(p))
+            if not matched:
+                raise DataError(f"--{what}: the glob {item!r} matches no file")
+            files += matched
+        elif os.path.isdir(item):
+            found = sorted(str(p) for p in Path(item).rglob("*") if p.is_file() and p.suffix.lower() in BUILDERS)
+            if not found:
+                raise DataError(f"--{what}: the folder {item!r} holds no {'/'.join(sorted(BUILDERS))} file")
+            files += found
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise DataError(f"--{what}: no such file or folder: {item!r}")
+    kinds = set()
+    for f in files:
+        ext = Path(f).suffix.lower()
+        if ext not in BUILDERS:
+            raise DataError(f"--{what}: cannot read {f!r}: the extension must be one of {sorted(BUILDERS)}")
+        kinds.add(BUILDERS[ext])
+        if os.path.getsize(f) == 0:
+            raise DataError(f"--{what}: the file {f!r} is empty")
+    if len(kinds) > 1:
+        raise DataError(f"--{what}: mixes file types {sorted(kinds)}; give files of one type")
+    return files
+
+
+def _builder(files: list[str]) -> str:
+    return BUILDERS[Path(files[0]).suffix.lower()]
+
+
+def _load_files(files: list[str], split: str, streaming: bool, sample_by: str, cache_dir):
+    builder = _builder(files)
+    kwargs = {"sample_by": sample_by} if builder == "text" else {}
+    return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming,
+                                 cache_dir=cache_dir, **kwargs)
+
+
+def load_raw_datasets(train_file=None, validation_file=None, dataset_name=None, dataset_config_name=None,
+                      text_column: str = "text", sample_by: str = "paragraph", validation_split_percentage: float = 5,
+                      streaming: bool = False, streaming_validation_documents: int = 200, seed: int = 42,
+                      cache_dir=None) -> dict:
+    """{"train": dataset, "validation": dataset or None}, each with the text in `text_column`.
+
+    Without a validation file (or a validation split in the named dataset), validation takes
+    validation_split_percentage % of the training documents (shuffled with seed), or, when
+    streaming, the first streaming_validation_documents documents (which training then skips).
+    """
+    if sample_by not in SAMPLE_BY:
+        raise DataError(f"--sample_by must be one of {SAMPLE_BY}, got {sample_by!r}")
+    if (train_file is None) == (dataset_name is None):
+        raise DataError("give exactly one of --train_file or --dataset_name")
+    if train_file is not None:
+        train_files = resolve_data_files(train_file, "train_file")
+        valid_files = resolve_data_files(validation_file, "validation_file")
+        train = _load_files(train_files, "train", streaming, sample_by, cache_dir)
+        valid = _load_files(valid_files, "validation", streaming, sample_by, cache_dir) if valid_files else None
+        where = f"--train_file {train_file!r}"
+    else:
+        try:
+            raw = datasets.load_dataset(dataset_name, dataset_config_name, streaming=streaming, cache_dir=cache_dir)
+        except Exception as e:  # noqa: BLE001 - re-raised with the name the user gave
+            raise DataError(f"--dataset_name {dataset_name!r}: could not load it: {e}") from e
+        if "train" not in raw:
+            raise DataError(f"--dataset_name {dataset_name!r} has no 'train' split (splits: {list(raw)})")
+        train = raw["train"]
+        valid = raw["validation"] if "validation" in raw else None
+        if validation_file is not None:
+            valid = _load_files(resolve_data_files(validation_file, "validation_file"), "validation", streaming,
+                                sample_by, cache_dir)
+        where = f"--dataset_name {dataset_name!r}"
+
+    columns = train.column_names
+    if columns is not None and text_column not in columns:
+        raise DataError(f"{where}: no column {text_column!r} (columns: {columns}); set --text_column")
+    if not streaming:
+        train = train.filter(lambda ex: bool(ex[text_column] and ex[text_column].strip()), desc="dropping empty")
+        if len(train) == 0:
+            raise DataError(f"{where}: the training data holds no text")
+        if valid is not None:
+            valid = valid.filter(lambda ex: bool(ex[text_column] and ex[text_column].strip()), desc="dropping empty")
+            if len(valid) == 0:
+                raise DataError("--validation_file: the validation data holds no text")
+    if valid is None and validation_split_percentage and validation_split_percentage > 0:
+        if streaming:
+            valid = train.take(streaming_validation_documents)
+            train = train.skip(streaming_validation_documents)
+        else:
+            if len(train) < 2:
+                raise DataError(f"{where}: a single document cannot be split into train and validation; "
+                                "give --validation_file or --validation_split_percentage 0")
+            n_valid = max(1, int(round(len(train) * validation_split_percentage / 100)))
+            parts = train.train_test_split(test_size=n_valid, seed=seed, shuffle=True)
+            train, valid = parts["train"], parts["test"]
+    return {"train": train, "validation": valid}
+
+
+def iter_texts(ds, text_column: str, limit: int | None = None):
+    """The texts of a dataset (map-style or streaming), at most `limit` of them."""
+    for i, ex in enumerate(ds):
+        if limit is not None and i >= limit:
+            return
+        t = ex[text_column]
+        if t and t.strip():
+            yield t
