@@ -48,8 +48,13 @@ def windowed_causal_attention(q, k, v, key_valid, window, q_doc=None, k_doc=None
         if q_doc is not None:
             allowed = allowed & (q_doc[:, a:b, None] == k_doc[:, None, lo:hi])
         allowed = allowed | (qi == kj)[None]
-        out[:, :, a:b] = F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi],
-                                                        attn_mask=allowed[:, None])
+        qb, kb, vb = q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi]
+        if b - a == 1:  # decoding one token: plain matmuls beat SDPA's per-call overhead on CPU
+            scores = (qb.float() @ kb.float().transpose(-1, -2)) * hd**-0.5
+            scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+            out[:, :, a:b] = (scores.softmax(-1) @ vb.float()).to(q.dtype)
+        else:
+            out[:, :, a:b] = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed[:, None])
     return out
 
 

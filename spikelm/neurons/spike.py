@@ -42,6 +42,8 @@ def quantize_spikes(h: torch.Tensor, max_spike: int, surrogate: str = "rect", al
     """Integer spikes clip(floor(h + 1/2), 0, max_spike) in h's dtype, with a surrogate gradient."""
     if surrogate not in SURROGATES:
         raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
+    if not (torch.is_grad_enabled() and h.requires_grad):  # inference: skip the autograd.Function overhead
+        return torch.floor(h + 0.5).clamp_(0, max_spike)
     return _QuantizeSpike.apply(h, int(max_spike), surrogate, float(alpha))
 
 
