@@ -41,7 +41,9 @@ def load_model(path, device: str | None = "cpu", dtype: str | None = None, need_
     """
     import spikelm  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars on the CLIs' stderr
     p = Path(path)
     if not p.exists():
         raise UserError(f"--model {path}: no such folder")

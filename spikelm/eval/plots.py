@@ -42,8 +42,10 @@ def plot_spiking_analysis(result: dict, path, title: str | None = None) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     groups = result["firing"]["groups"]
     names = sorted(groups)
-    ax1.barh(names, [groups[n]["rate"] for n in names], label="rate (mean spike / N)")
-    ax1.barh(names, [groups[n]["nonzero"] for n in names], alpha=0.4, label="fraction non-zero")
+    y = list(range(len(names)))
+    ax1.barh([i - 0.2 for i in y], [groups[n]["rate"] for n in names], height=0.4, label="rate (mean spike / N)")
+    ax1.barh([i + 0.2 for i in y], [groups[n]["nonzero"] for n in names], height=0.4, label="fraction non-zero")
+    ax1.set_yticks(y, names)
     ax1.set_xlabel("firing")
     ax1.set_title(f"Firing by neuron group (mean rate {result['firing']['mean_rate']:.4f})")
     ax1.legend(fontsize=8)

@@ -203,14 +203,15 @@ class StreamingGenerator:
         if self.tokenizer is None:
             raise ValueError("generate_text needs a tokenizer")
         for token in self.generate(n, **overrides):
-            piece = self._decode_piece(token, skip_special_tokens)
+            piece = self.decode_piece(token, skip_special_tokens)
             if piece:
                 yield piece
         tail = self.flush_text(skip_special_tokens)
         if tail:
             yield tail
 
-    def _decode_piece(self, token: int, skip_special_tokens: bool) -> str:
+    def decode_piece(self, token: int, skip_special_tokens: bool = True) -> str:
+        """Text of one more generated token, or "" while it ends inside a multi-byte character."""
         self._pending.append(token)
         text = self.tokenizer.decode(self._pending, skip_special_tokens=skip_special_tokens)
         # a byte-level token may end inside a multi-byte character: wait for the rest (bounded)
