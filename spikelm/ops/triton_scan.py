@@ -10,9 +10,11 @@ by a decay, so a decay that underflows to 0 is an exact hard reset at any length
   3. `_chunk_output_kernel`: every chunk runs the recurrence again from its true start and writes
      the outputs (and the final state, from the sequence's last chunk).
 Passes 1-2 are skipped when the sequences x channel blocks alone fill the GPU (one chunk per
-sequence). Inside a chunk the steps are a plain loop over time (one [BLOCK_D] vector per step), so
-the interpreter runs it quickly and every step is exactly the naive recurrence in float32 (float64
-for float64 inputs).
+sequence). Inside a chunk, steps go by tiles of TILE_ROWS x BLOCK_D: a tile is loaded at once
+(many loads in flight, which a one-step-at-a-time loop lacks), all elementwise work is done on the
+whole tile, and only the recurrence itself walks the tile's rows, in registers. Every step is
+exactly the naive recurrence in float32 (float64 for float64 inputs); no associative_scan, which
+the interpreter would run element by element.
 
 Every [B, T, D] input is handled as packed rows [B*T, D] with sequence offsets cu (B sequences of
 T steps, or the caller's cu_seqlens), so batches and packed sequences share one code path. Offsets
@@ -90,29 +92,60 @@ if triton is not None:
             return v
 
     @triton.jit
-    def _step(t, eos, U, G, H, offs, dmask, D, tau, max_spike,
-              MODE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr):
-        """The recurrence's input u_t and the log-decay applied to the incoming state at step t.
+    def _tile_inputs(t, valid, eos, U, G, H, offs, dmask, D, tau, max_spike,
+                     MODE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr):
+        """For a tile of steps t [ROWS] (in processing order): inputs u and log-decays dec [ROWS, BLOCK_D].
 
         forward:  state_t = exp(dec_t) state_{t-1} + u_t,  dec_t = g_t, u_t = x_t (or the DSN drive)
         reverse:  state_t = exp(dec_t) state_{t+1} + u_t,  dec_t = g_{t+1} (0 past the sequence end,
                   so the final-state gradient enters undecayed), u_t = dh_t (DSN: dS_t * rect'(H_t))
+        Rows past the chunk end get u = 0 and dec = 0: the state passes through them unchanged.
+        All the elementwise work happens here, for the whole tile, off the serial path.
         """
-        p = t * D + offs  # t is int64: 64-bit offsets
-        u = tl.load(U + p, mask=dmask, other=0.0).to(ACC)
+        p = t[:, None] * D + offs[None, :]  # t is int64: 64-bit offsets
+        m = valid[:, None] & dmask[None, :]
+        u = tl.load(U + p, mask=m, other=0.0).to(ACC)
         if REVERSE:
-            has_next = (t + 1) < eos
-            v = tl.load(G + p + D, mask=dmask & has_next, other=0.0).to(ACC)
-            dec = tl.where(has_next, _log_decay(v, tau, MODE), 0.0)
+            has_next = valid & ((t + 1) < eos)
+            v = tl.load(G + p + D, mask=has_next[:, None] & dmask[None, :], other=0.0).to(ACC)
+            dec = tl.where(has_next[:, None], _log_decay(v, tau, MODE), 0.0)
             if MODE == 1:
-                h = tl.load(H + p, mask=dmask, other=0.0)
+                h = tl.load(H + p, mask=m, other=0.0)
                 u = tl.where((h >= 0.0) & (h <= max_spike), u, 0.0)  # rect surrogate
         else:
-            v = tl.load(G + p, mask=dmask, other=0.0).to(ACC)
-            dec = _log_decay(v, tau, MODE)
+            v = tl.load(G + p, mask=m, other=0.0).to(ACC)
+            dec = tl.where(valid[:, None], _log_decay(v, tau, MODE), 0.0)
             if MODE == 1:
                 u = -_expm1(dec) * u  # drive (1 - alpha) X
         return u, dec
+
+    @triton.jit
+    def _tile_recurrence(s, u, dec, ROWS: tl.constexpr):
+        """state = exp(dec_i) state + u_i for the tile's rows in order; returns (states [ROWS, BLOCK_D], last state).
+
+        The tile was loaded at once (ROWS loads in flight per thread, which is what keeps the memory
+        busy); the serial part only picks rows out of registers: with one warp per program each
+        thread holds whole columns, so the row selections below are in-thread selects and adds.
+        """
+        rows = tl.arange(0, ROWS)[:, None]
+        decay = tl.exp(dec)
+        states = tl.zeros_like(u)
+        for i in tl.static_range(ROWS):
+            sel = rows == i
+            s = tl.sum(tl.where(sel, decay, 0.0), axis=0) * s + tl.sum(tl.where(sel, u, 0.0), axis=0)
+            states = tl.where(sel, s[None, :], states)
+        return states, s
+
+    @triton.jit
+    def _tile_steps(cs, ce, tb, ROWS: tl.constexpr, REVERSE: tl.constexpr):
+        """Steps of the tile starting tb steps into chunk [cs, ce), in processing order."""
+        i = tb + tl.arange(0, ROWS).to(tl.int64)
+        valid = i < (ce - cs)
+        if REVERSE:
+            t = ce - 1 - i
+        else:
+            t = cs + i
+        return tl.where(valid, t, cs), valid  # invalid rows point at a real row; their loads are masked
 
     @triton.jit
     def _chunk_bounds(CU, n, c, chunk_len):
@@ -125,7 +158,7 @@ if triton is not None:
     @triton.jit
     def _chunk_summary_kernel(U, G, H, CU, E, A, D, max_chunks, chunk_len, tau, max_spike,
                               MODE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
-                              BLOCK_D: tl.constexpr):
+                              BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
         """Pass 1: chunk end state from a zero start (E) and the chunk's summed log-decay (A)."""
         c, i_d, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         bos, eos, cs, ce = _chunk_bounds(CU, n, c, chunk_len)
@@ -135,14 +168,11 @@ if triton is not None:
         dmask = offs < D
         s = tl.zeros([BLOCK_D], dtype=ACC)
         a = tl.zeros([BLOCK_D], dtype=ACC)
-        for i in range(0, ce - cs):
-            if REVERSE:
-                t = ce - 1 - i
-            else:
-                t = cs + i
-            u, dec = _step(t, eos, U, G, H, offs, dmask, D, tau, max_spike, MODE, REVERSE, ACC)
-            s = tl.exp(dec) * s + u
-            a += dec
+        for tb in range(0, ce - cs, ROWS):
+            t, valid = _tile_steps(cs, ce, tb, ROWS, REVERSE)
+            u, dec = _tile_inputs(t, valid, eos, U, G, H, offs, dmask, D, tau, max_spike, MODE, REVERSE, ACC)
+            _, s = _tile_recurrence(s, u, dec, ROWS)
+            a += tl.sum(dec, axis=0)
         q = (n.to(tl.int64) * max_chunks + c) * D + offs
         tl.store(E + q, s, mask=dmask)
         tl.store(A + q, a, mask=dmask)
@@ -176,7 +206,8 @@ if triton is not None:
                              D, max_chunks, chunk_len, tau, max_spike,
                              MODE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
                              FROM_START: tl.constexpr, HAS_INIT: tl.constexpr, HAS_H0: tl.constexpr,
-                             WRITE_OUT: tl.constexpr, WRITE_OUT2: tl.constexpr, BLOCK_D: tl.constexpr):
+                             WRITE_OUT: tl.constexpr, WRITE_OUT2: tl.constexpr, BLOCK_D: tl.constexpr,
+                             ROWS: tl.constexpr):
         """Pass 3: the recurrence from the chunk's true start, writing the outputs of each step.
 
         forward  scan: OUT = h.               DSN: OUT = spikes if WRITE_OUT, OUT2 = H (float32) if WRITE_OUT2.
@@ -197,46 +228,44 @@ if triton is not None:
             s = tl.load(INIT + n64 * D + offs, mask=dmask, other=0.0).to(ACC)
         else:
             s = tl.zeros([BLOCK_D], dtype=ACC)
-        for i in range(0, ce - cs):
-            if REVERSE:
-                t = ce - 1 - i
-            else:
-                t = cs + i
-            u, dec = _step(t, eos, U, G, H, offs, dmask, D, tau, max_spike, MODE, REVERSE, ACC)
-            s = tl.exp(dec) * s + u
-            p = t * D + offs
+        for tb in range(0, ce - cs, ROWS):
+            t, valid = _tile_steps(cs, ce, tb, ROWS, REVERSE)
+            u, dec = _tile_inputs(t, valid, eos, U, G, H, offs, dmask, D, tau, max_spike, MODE, REVERSE, ACC)
+            states, s = _tile_recurrence(s, u, dec, ROWS)
+            p = t[:, None] * D + offs[None, :]
+            m = valid[:, None] & dmask[None, :]
             if REVERSE:
                 # h_{t-1}: the saved/recomputed state, or the initial state at the sequence start
-                has_prev = t > bos
-                h_prev = tl.load(H + p - D, mask=dmask & has_prev, other=0.0).to(ACC)
+                has_prev = (t > bos)[:, None]
+                h_prev = tl.load(H + p - D, mask=m & has_prev, other=0.0).to(ACC)
                 if HAS_H0:
                     h0 = tl.load(H0 + n64 * D + offs, mask=dmask, other=0.0).to(ACC)
-                    h_prev = tl.where(has_prev, h_prev, h0)
-                g_t = _log_decay(tl.load(G + p, mask=dmask, other=0.0).to(ACC), tau, MODE)
+                    h_prev = tl.where(has_prev, h_prev, h0[None, :])
+                v = tl.load(G + p, mask=m, other=0.0).to(ACC)
+                g_t = _log_decay(v, tau, MODE)
                 decay_t = tl.exp(g_t)
                 if MODE == 1:
                     # H_t = alpha H_{t-1} + (1 - alpha) X_t with alpha = exp(g), g = max(logsigmoid(a')/tau, floor):
                     # dg = s alpha (H_{t-1} - X_t); da' = dg / tau * sigmoid(-a') where the floor is not active
-                    a_t = tl.load(G + p, mask=dmask, other=0.0).to(ACC)
-                    x_t = tl.load(X + p, mask=dmask, other=0.0).to(ACC)
-                    ls = tl.minimum(a_t, 0.0) - _log1p(tl.exp(-tl.abs(a_t)))
-                    sig_neg = tl.exp(tl.minimum(-a_t, 0.0) - _log1p(tl.exp(-tl.abs(a_t))))  # sigmoid(-a')
-                    dg = s * decay_t * (h_prev - x_t)
-                    da = tl.where(ls / tau >= -20.0, dg / tau * sig_neg, 0.0)
-                    tl.store(OUT + p, da, mask=dmask)
-                    tl.store(OUT2 + p, -_expm1(g_t) * s, mask=dmask)
+                    x_t = tl.load(X + p, mask=m, other=0.0).to(ACC)
+                    soft = _log1p(tl.exp(-tl.abs(v)))
+                    sig_neg = tl.exp(tl.minimum(-v, 0.0) - soft)  # sigmoid(-a') = exp(logsigmoid(-a'))
+                    dg = states * decay_t * (h_prev - x_t)
+                    da = tl.where((tl.minimum(v, 0.0) - soft) / tau >= -20.0, dg / tau * sig_neg, 0.0)
+                    tl.store(OUT + p, da, mask=m)
+                    tl.store(OUT2 + p, -_expm1(g_t) * states, mask=m)
                 else:
-                    tl.store(OUT + p, s, mask=dmask)
-                    tl.store(OUT2 + p, s * decay_t * h_prev, mask=dmask)
+                    tl.store(OUT + p, states, mask=m)
+                    tl.store(OUT2 + p, states * decay_t * h_prev, mask=m)
             else:
                 if MODE == 1:
                     if WRITE_OUT:
-                        spikes = tl.minimum(tl.maximum(tl.floor(s + 0.5), 0.0), max_spike)
-                        tl.store(OUT + p, spikes, mask=dmask)
+                        spikes = tl.minimum(tl.maximum(tl.floor(states + 0.5), 0.0), max_spike)
+                        tl.store(OUT + p, spikes, mask=m)
                     if WRITE_OUT2:
-                        tl.store(OUT2 + p, s, mask=dmask)
+                        tl.store(OUT2 + p, states, mask=m)
                 else:
-                    tl.store(OUT + p, s, mask=dmask)
+                    tl.store(OUT + p, states, mask=m)
         if REVERSE:
             if c == 0:
                 v = tl.load(G + bos * D + offs, mask=dmask, other=0.0).to(ACC)
@@ -256,14 +285,19 @@ def _block_d(D: int) -> int:
     return min(128, max(16, triton.next_power_of_2(D)))
 
 
+# Steps loaded per tile: more rows keep more loads in flight per thread, at ROWS x 4 values per tile in
+# registers. 8 is a guess to be checked on a GPU (benchmarks/gpu_check.py sweeps it).
+TILE_ROWS = 8
+
+
 def pick_chunk_len(n_seqs: int, max_len: int, total_len: int, n_dblocks: int, device: torch.device) -> int:
     """Steps per chunk: one chunk per sequence when sequences x channel blocks already fill the GPU,
-    else short enough that chunks x channel blocks give ~16 programs per SM (the steps inside a chunk
-    are serial, so the GPU needs many of them in flight to hide memory latency)."""
-    target = 16 * _sm_count(device)
+    else short enough that chunks x channel blocks give ~32 one-warp programs per SM (the steps inside
+    a chunk are serial, so the GPU needs many of them in flight to hide memory latency)."""
+    target = 32 * _sm_count(device)
     if n_seqs * n_dblocks >= target or max_len <= 64:
         return max(1, max_len)
-    return max(64, math.ceil(total_len * n_dblocks / target))
+    return 64 * math.ceil(total_len * n_dblocks / target / 64)  # a multiple of the tile rows
 
 
 def packed_layout(B: int, T: int, cu_seqlens, device):
@@ -278,7 +312,8 @@ def packed_layout(B: int, T: int, cu_seqlens, device):
 
 def run_scan_kernels(*, mode: int, reverse: bool, U, G, cu, n_seqs: int, max_len: int, D: int,
                      out, final, out2=None, H=None, H0=None, X=None, init=None,
-                     tau: float = 1.0, max_spike: float = 0.0, acc=None, chunk_len: int | None = None):
+                     tau: float = 1.0, max_spike: float = 0.0, acc=None, chunk_len: int | None = None,
+                     rows: int | None = None):
     """Launch passes 1-3 over rows [sum of lengths, D] (all tensors contiguous, flat per row).
 
     final must be pre-filled by the caller for empty sequences (the initial state, or zeros).
@@ -296,9 +331,12 @@ def run_scan_kernels(*, mode: int, reverse: bool, U, G, cu, n_seqs: int, max_len
     max_chunks = triton.cdiv(max_len, L)
     acc = acc or (tl.float64 if U.dtype == torch.float64 else tl.float32)
     buf_dtype = torch.float64 if acc == tl.float64 else torch.float32
-    num_warps = max(1, BLOCK_D // 32)
+    # one warp per program: each thread then holds whole tile columns (BLOCK_D <= 128 = 32 threads x 4),
+    # so picking a tile's rows in the recurrence never crosses threads
+    num_warps = 1
     dummy = final  # never touched where its flag is off
-    common = dict(MODE=mode, REVERSE=reverse, ACC=acc, BLOCK_D=BLOCK_D)
+    rows = rows or min(TILE_ROWS, max(2, triton.next_power_of_2(L)))  # a short chunk needs no full tile
+    common = dict(MODE=mode, REVERSE=reverse, ACC=acc, BLOCK_D=BLOCK_D, ROWS=rows)
     start = None
     if max_chunks > 1:
         E = torch.empty(n_seqs, max_chunks, D, device=U.device, dtype=buf_dtype)
