@@ -50,7 +50,7 @@ def model_dir(tmp_path_factory, tokenizer):
     d = tmp_path_factory.mktemp("tiny_model")
     make_model(tokenizer).save_pretrained(d)
     tokenizer.save_pretrained(d)
-    (d / "run_config.json").write_text(json.dumps({"block_size": 16}))
+    (d / "run_config.json").write_text(json.dumps({"identity": {"block_size": 16}}))  # as train.py writes it
     return d
 
 

@@ -90,8 +90,11 @@ def training_length(path) -> int | None:
                 data = json.loads(f.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
-            for holder in (data, data.get("args", {}) if isinstance(data, dict) else {}):
-                if isinstance(holder, dict) and isinstance(holder.get("block_size"), int):
+            if not isinstance(data, dict):
+                continue
+            # train.py writes {"identity": {...}, "args": {...}}; accept a flat file too
+            for holder in [data, *(v for v in data.values() if isinstance(v, dict))]:
+                if isinstance(holder.get("block_size"), int) and not isinstance(holder["block_size"], bool):
                     return holder["block_size"]
     return None
 
