@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spikelm.neurons import DSN, LIF, PSN, SlidingPSN  # noqa: E402
 from spikelm.ops import triton_is_available  # noqa: E402
-from spikelm.ops.triton_dsn import dsn_fused, dsn_reference  # noqa: E402
+from spikelm.ops import triton_scan  # noqa: E402
+from spikelm.ops.triton_dsn import dsn_fused, dsn_reference, dsn_step_  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEVICE = "cuda"  # --dry-run-cpu switches to the CPU (torch paths, tiny sizes) to check this script itself
@@ -95,6 +96,59 @@ def make_case(name, B, T, C, dtype):
     return (lambda: m(x)), [x] + [p for p in m.parameters()], None
 
 
+def tile_rows_sweep(B, T, C, dtype, warmup, repeat, copy_gbps, rows_options=(4, 8, 16)):
+    """dsn_fused at one size for several triton_scan.TILE_ROWS (rows of a tile loaded at once)."""
+    default, out = triton_scan.TILE_ROWS, []
+    try:
+        for rows in rows_options:
+            triton_scan.TILE_ROWS = rows
+            fn, leaves, moved = make_case("dsn_fused", B, T, C, dtype)
+            with torch.no_grad():
+                t_fwd = best_time(fn, warmup, repeat)
+            grad = torch.ones_like(fn())
+
+            def fwd_bwd():
+                for leaf in leaves:
+                    leaf.grad = None
+                fn().backward(grad)
+
+            t_fb = best_time(fwd_bwd, warmup, repeat)
+            out.append(dict(tile_rows=rows, T=T, fwd_s=t_fwd, fwd_pct_copy=100 * moved / t_fwd / 1e9 / copy_gbps,
+                            fwd_bwd_s=t_fb))
+            print(f"  TILE_ROWS={rows:>2}: fwd {1e3 * t_fwd:.3f} ms ({out[-1]['fwd_pct_copy']:.1f}% of copy), "
+                  f"fwd+bwd {1e3 * t_fb:.3f} ms", flush=True)
+    finally:
+        triton_scan.TILE_ROWS = default
+    return out
+
+
+def decode_step_timing(B, C, steps=256):
+    """Per-token time of the in-place decode step op, eager and replayed as one CUDA graph of `steps` tokens."""
+    m = DSN(C).to(DEVICE)
+    st = m.initial_state(B, DEVICE, torch.bfloat16)
+    conv, mem = st.conv.contiguous(), st.membrane.contiguous()
+    xs = torch.randn(steps, B, C, device=DEVICE).bfloat16()
+    w, b = m.conv_weight.detach(), m.conv_bias.detach()
+    out = torch.empty(steps, B, C, device=DEVICE, dtype=torch.bfloat16)
+
+    def run():
+        for i in range(steps):
+            out[i] = dsn_step_(xs[i], conv, mem, w, b, m.tau, m.max_spike)
+
+    res = dict(B=B, C=C, steps=steps, eager_per_token_s=best_time(run, 1, 3) / steps)
+    if DEVICE == "cuda":
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run()  # warm up outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(graph):
+            run()
+        res["cuda_graph_per_token_s"] = best_time(graph.replay, 1, 3) / steps
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
@@ -131,6 +185,20 @@ def main(argv=None):
     print(f"copy bandwidth: {copy_before:.0f} GB/s (read + write)  B={args.B} C={args.C}", flush=True)
 
     rows = []
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_").lower()
+    out = args.out or Path(__file__).resolve().parent / "results" / f"gpu_check_{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(**more):
+        """Rewrite the JSON after every case, so a run cut short by the outer timeout still leaves its rows."""
+        result = dict(benchmark="gpu_check", machine=info, B=args.B, C=args.C, complete=False,
+                      copy_GBps_read_plus_write=dict(before=copy_before, after=more.pop("copy_after", None)),
+                      timing=dict(warmup=args.warmup, repeat=args.repeat, statistic="min",
+                                  clock="cuda events" if DEVICE == "cuda" else "perf_counter"),
+                      tile_rows_default=triton_scan.TILE_ROWS, rows=rows, wall_s=time.time() - t_start)
+        result.update(more)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+
     header = (f"{'case':>12} {'dtype':>5} {'T':>6} | {'fwd ms':>9} {'GB/s':>7} {'%copy':>6} | {'fwd+bwd ms':>10}")
     print(header + "\n" + "-" * len(header), flush=True)
     for dname in args.dtypes.split(","):
@@ -169,8 +237,10 @@ def main(argv=None):
                 except Exception as e:  # noqa: BLE001  (an OOM or a failure is recorded, the rest still runs)
                     row["error"] = f"{type(e).__name__}: {e}"[:500]
                     traceback.print_exc()
-                torch.cuda.empty_cache()
+                if DEVICE == "cuda":
+                    torch.cuda.empty_cache()
                 rows.append(row)
+                save()
                 gbps = f"{row['fwd_GBps']:>7.0f} {row['fwd_pct_copy']:>5.1f}%" if "fwd_GBps" in row else " " * 14
                 if "fwd_s" in row:
                     fb = f"{1e3 * row['fwd_bwd_s']:>10.3f}" if "fwd_bwd_s" in row else "     error"
@@ -201,15 +271,24 @@ def main(argv=None):
         print(f"\nT={T} {dname}: " + ", ".join(f"{k}={v:.2f}" for k, v in s.items() if v is not None))
     print("targets (issue 3, H100): fused fwd >= 70% of copy bandwidth; fwd+bwd >= 50x PSN and >= 4x sliding PSN")
 
+    extras = {}
+    if time.time() - t_start < args.budget_s + 45:  # small extras, still inside the outer timeout
+        try:
+            print(f"\ndsn_fused tile rows sweep (bf16, T={T}):")
+            extras["tile_rows_sweep"] = tile_rows_sweep(args.B, T, args.C, torch.bfloat16, args.warmup,
+                                                        args.repeat, copy_before)
+        except Exception as e:  # noqa: BLE001
+            extras["tile_rows_sweep_error"] = f"{type(e).__name__}: {e}"[:500]
+            traceback.print_exc()
+        try:
+            extras["decode_step"] = decode_step_timing(args.B, args.C)
+            print("decode step:", json.dumps(extras["decode_step"]))
+        except Exception as e:  # noqa: BLE001
+            extras["decode_step_error"] = f"{type(e).__name__}: {e}"[:500]
+            traceback.print_exc()
+
     copy_after = copy_bandwidth()
-    result = dict(benchmark="gpu_check", machine=info, B=args.B, C=args.C,
-                  copy_GBps_read_plus_write=dict(before=copy_before, after=copy_after),
-                  timing=dict(warmup=args.warmup, repeat=args.repeat, statistic="min", clock="cuda events"),
-                  rows=rows, summary_at_max_T=summary, wall_s=time.time() - t_start)
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_").lower()
-    out = args.out or Path(__file__).resolve().parent / "results" / f"gpu_check_{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    save(copy_after=copy_after, summary_at_max_T=summary, extras=extras, complete=True)
     print(f"wrote {out}")
 
 
