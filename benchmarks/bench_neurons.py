@@ -130,7 +130,8 @@ def main(argv=None):
     p.add_argument("--B", type=int, default=1, help="batch size")
     p.add_argument("--C", type=int, default=256, help="channels (neurons)")
     p.add_argument("--neurons", default=",".join(NEURONS))
-    p.add_argument("--lif-max-T", type=int, default=16384, help="run LIF only up to this T (it is a serial loop)")
+    p.add_argument("--lif-max-T", type=int, default=2048,
+                   help="run LIF only up to this T (a serial loop whose backward grows as T^2 here)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--warmup", type=int, default=1)
