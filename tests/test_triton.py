@@ -143,6 +143,44 @@ def test_fused_op_torch_impl_matches_oracle(packed, init):
     _assert_spikes_match(_dsn_run(fn, logit, x, h0, torch.float32, "cpu"), _dsn_oracle(logit, x, h0, cu))
 
 
+def _check_dsn_fused_branch(monkeypatch, mode):
+    """DSN.forward's fused branch (forced on, on this device) against its unfused path: spikes, states, grads."""
+    torch.manual_seed(0)
+    m = DSN(6).to(DEV)
+    B, T = (1, 11) if mode == "packed" else (2, 9)
+    x = (torch.randn(B, T, 6, device=DEV) * 2).requires_grad_()
+    kwargs = dict(return_state=True)
+    if mode == "packed":
+        kwargs["cu_seqlens"] = torch.tensor([0, 4, 4, 11], device=DEV)
+    elif mode == "state":
+        with torch.no_grad():
+            prev = m(torch.randn(B, 5, 6, device=DEV) * 2, return_state=True)[1]
+        kwargs["state"] = type(prev)(prev.membrane.clone().requires_grad_(), prev.conv)  # d(initial membrane) too
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(DSN, "_use_fused_kernel", lambda self, x_, rm, f=fused: f)
+        x.grad = None
+        m.zero_grad()
+        if mode == "state":
+            kwargs["state"].membrane.grad = None
+        s, st = m(x, **kwargs)
+        ((s * torch.arange(T, device=DEV)[None, :, None]).sum() + st.membrane.sum()).backward()
+        grads = [x.grad.clone(), m.conv_weight.grad.clone(), m.conv_bias.grad.clone()]
+        if mode == "state":
+            grads.append(kwargs["state"].membrane.grad.clone())
+        results.append([s, st.membrane, st.conv] + grads)
+    assert (results[0][0] != results[1][0]).float().mean() <= 0.01
+    for a, b in zip(results[0][1:], results[1][1:]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["plain", "state", "packed"])
+def test_dsn_fused_branch_torch_impl(monkeypatch, mode):
+    if KERNELS_HERE:
+        pytest.skip("here the op dispatches to the Triton kernels (TestKernels covers them)")
+    _check_dsn_fused_branch(monkeypatch, mode)
+
+
 # ---------------------------------------------------------------------------------------------
 # decode step
 # ---------------------------------------------------------------------------------------------
@@ -430,6 +468,10 @@ class TestKernels:
         (s2.sum() + st2.membrane.sum()).backward()
         torch.testing.assert_close(x.grad, x2.grad, atol=1e-3, rtol=1e-3)
         torch.testing.assert_close(fused.conv_weight.grad, plain.conv_weight.grad, atol=1e-2, rtol=1e-3)
+
+    @pytest.mark.parametrize("mode", ["plain", "state", "packed"])
+    def test_kernel_dsn_module_fused_branch(self, kernels, monkeypatch, mode):
+        _check_dsn_fused_branch(monkeypatch, mode)
 
     @pytest.mark.parametrize("k", [4, 1])
     def test_kernel_step_matches_module_step(self, kernels, k):
