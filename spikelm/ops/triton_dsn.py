@@ -4,8 +4,9 @@ Sequence op `spikelm::dsn_fused`: from the conv logit a' [B, T, C] and the input
     log alpha_t = max(logsigmoid(a'_t) / tau, -20)
     H_t         = alpha_t H_{t-1} + (1 - alpha_t) X_t           (float32)
     S_t         = clip(floor(H_t + 1/2), 0, N)                  (X's dtype)
-in one pass over memory (the chunked scan of ops/triton_scan.py in its DSN mode), writing only the
-spikes and the final state. The backward recomputes H in float32 (nothing in low precision is
+with the chunked scan of ops/triton_scan.py in its DSN mode, writing only the spikes and the final
+state: nothing between a' and S goes to memory. (When chunks are needed to fill the GPU, a' and X
+are read twice: once for the chunk summaries, once for the output pass.) The backward recomputes H in float32 (nothing in low precision is
 saved) and runs the adjoint recurrence with the rect surrogate (dS passes where 0 <= H <= N),
 giving d a', d X and d H_0 exactly as the unfused torch composition `dsn_reference` does.
 

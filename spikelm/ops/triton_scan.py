@@ -335,7 +335,8 @@ def run_scan_kernels(*, mode: int, reverse: bool, U, G, cu, n_seqs: int, max_len
     # so picking a tile's rows in the recurrence never crosses threads
     num_warps = 1
     dummy = final  # never touched where its flag is off
-    rows = rows or min(TILE_ROWS, max(2, triton.next_power_of_2(L)))  # a short chunk needs no full tile
+    if not rows:  # the interpreter pays per row: no full tile for a short chunk (a GPU keeps one variant)
+        rows = min(TILE_ROWS, max(2, triton.next_power_of_2(L))) if interpreted() else TILE_ROWS
     common = dict(MODE=mode, REVERSE=reverse, ACC=acc, BLOCK_D=BLOCK_D, ROWS=rows)
     start = None
     if max_chunks > 1:
