@@ -84,6 +84,8 @@ class TrainArgs:
     gradient_checkpointing: bool = _h("recompute activations in backward", False)
     max_consecutive_nonfinite: int = _h("abort after this many steps in a row with a non-finite loss or gradient", 10)
     seed: int = _h("seed of the model init and the data order", 42)
+    num_threads: int | None = _h("torch CPU threads per process (default: torch's; 1 is far faster for small "
+                                 "models on a busy machine)", None)
     # ---- run, checkpoints, logs
     output_dir: str | None = _h("where checkpoints, logs and the final model go", None, "run")
     overwrite_output_dir: bool = _h("start afresh in an output_dir that holds a run (its checkpoints are removed)",
@@ -104,7 +106,7 @@ class TrainArgs:
     NON_IDENTITY = ("config", "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "save_steps",
                     "save_total_limit", "eval_steps", "logging_steps", "report_to", "disable_tqdm", "sample_prompt",
                     "sample_max_new_tokens", "preprocessing_num_workers", "cache_dir", "max_eval_samples",
-                    "per_device_eval_batch_size", "max_steps", "num_train_epochs")
+                    "per_device_eval_batch_size", "max_steps", "num_train_epochs", "num_threads")
 
     def identity(self) -> dict:
         d = self.to_dict()
@@ -279,5 +281,11 @@ def validate(a: TrainArgs) -> None:
     need(a.save_total_limit is None or a.save_total_limit >= 1,
          f"--save_total_limit must be >= 1, got {a.save_total_limit}")
     need(a.vocab_size is None or a.vocab_size >= 258, f"--vocab_size must be >= 258, got {a.vocab_size}")
+    if a.model:
+        from ..models import SpikeLMConfig
+        try:
+            SpikeLMConfig(vocab_size=a.vocab_size or 8192, **a.model)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model settings: {e}") from None
     need(0 <= a.validation_split_percentage < 100,
          f"--validation_split_percentage must lie in [0, 100), got {a.validation_split_percentage}")

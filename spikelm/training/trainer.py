@@ -247,6 +247,8 @@ def train(args: TrainArgs) -> dict:
     from transformers import get_scheduler
 
     t_start = time.perf_counter()
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     check_report_to(args.report_to)
     resume_ckpt = resolve_run_dir(args)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
@@ -328,6 +330,7 @@ def train(args: TrainArgs) -> dict:
                                   args.save_total_limit)
 
     nan_steps = _fault_nan_steps()
+    step_sleep = float(os.environ.get("SPIKELM_FAULT_STEP_SLEEP", "0") or 0)  # tests: slow steps down to kill one
     bar = tqdm(total=max_steps, initial=start_step, disable=not main or args.disable_tqdm, dynamic_ncols=True,
                desc="train")
     model.train()
@@ -393,6 +396,8 @@ def train(args: TrainArgs) -> dict:
             window_loss += step_loss
             window_steps += 1
         bar.update(1)
+        if step_sleep:
+            time.sleep(step_sleep)
 
         if log_now:
             loss_t = (window_loss / max(window_steps, 1)).to(accelerator.device)

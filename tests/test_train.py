@@ -1,0 +1,287 @@
+"""train.py: end to end, kill -9 + resume, a kill inside a checkpoint write, non-finite steps, bad inputs.
+
+Runs in-process where it can (imports are slow) and in a subprocess where a kill -9 is the point.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train as train_script  # noqa: E402
+
+from spikelm.data import DataError, block_positions, pack_token_lists  # noqa: E402
+from spikelm.training import ConfigError, TrainingError, parse_args, read_csv, train  # noqa: E402
+
+WORDS = ("the sun rose over the quiet hills and the river ran down to the sea where old ships lay "
+         "in the harbour waiting for the wind to turn").split()
+
+
+def _corpus(n_docs: int, seed: int) -> str:
+    g = torch.Generator().manual_seed(seed)
+    docs = []
+    for _ in range(n_docs):
+        n = int(torch.randint(8, 60, (1,), generator=g))
+        docs.append(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (n,), generator=g)))
+    return "\n\n".join(docs) + "\n"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    """Tiny models run far faster on one thread, above all on a busy machine; subprocesses inherit it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    (d / "train.txt").write_text(_corpus(120, 1))
+    (d / "valid.txt").write_text(_corpus(12, 2))
+    (d / "empty.txt").write_text("")
+    (d / "cache").mkdir()
+    return d
+
+
+def tiny_argv(data: Path, out: Path, **over) -> list[str]:
+    kv = dict(train_file=data / "train.txt", validation_file=data / "valid.txt", output_dir=out,
+              cache_dir=data / "cache", vocab_size=300, hidden_size=32, num_hidden_layers=2,
+              block_types="[ssm, attention]", num_attention_heads=2, attention_window=32, block_size=32,
+              per_device_train_batch_size=2, learning_rate=3e-3, warmup_steps=2, max_steps=8, save_steps=3,
+              eval_steps=4, logging_steps=1, max_eval_samples=4, report_to="csv", disable_tqdm=True, seed=3)
+    kv.update(over)
+    argv = []
+    for k, v in kv.items():
+        if v is None:
+            continue
+        argv += [f"--{k}", str(v)]
+    return argv
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return {int(r["step"]): float(r["loss"]) for r in read_csv(out / "logs" / "train.csv")}
+
+
+def _tree_digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference_run(data, tmp_path_factory):
+    """One uninterrupted run: 8 steps, checkpoints at 3 and 6 (and 8), eval at 4 and the end."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    summary = train(parse_args(tiny_argv(data, out)))
+    return out, summary
+
+
+# ---------------------------------------------------------------------------------------------
+def test_packing_positions_restart_per_document_and_block():
+    out = pack_token_lists([[5, 6, 7], [8, 9], [10, 11, 12, 13, 14]], eos_token_id=1, block_size=4)
+    # stream: 5 6 7 E | 8 9 E 10 | 11 12 13 14 | (E dropped)
+    assert out["input_ids"].tolist() == [[5, 6, 7, 1], [8, 9, 1, 10], [11, 12, 13, 14]]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 2, 3]]
+    pos = block_positions(torch.tensor([[3, 4, 0, 1, 2, 0]]).numpy(), 6)
+    assert pos.tolist() == [[0, 1, 0, 1, 2, 0]]
+
+
+def test_end_to_end_tiny_run_loads_with_auto_classes(reference_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, summary = reference_run
+    assert summary["steps"] == 8 and summary["skipped_steps"] == 0
+    assert summary["final_eval"]["loss"] > 0 and summary["final_eval"]["perplexity"] > 1
+    losses = _losses(out)
+    assert sorted(losses) == list(range(1, 9))
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    rows = read_csv(out / "logs" / "train.csv")
+    assert 0 < float(rows[-1]["firing_rate"]) < 1 and float(rows[-1]["tokens_per_s"]) > 0
+    assert [int(r["step"]) for r in read_csv(out / "logs" / "eval.csv")] == [4, 8]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6", "checkpoint-8"]
+    ck = out / "checkpoint-6"
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "optimizer.pt", "scheduler.pt",
+              "rng_state_0.pth", "trainer_state.json"):
+        assert (ck / f).is_file(), f
+    state = json.loads((ck / "trainer_state.json").read_text())
+    assert state["global_step"] == 6 and state["data_position"]["blocks_consumed"] == 12
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert type(model).__name__ == "SpikeLMForCausalLM" and model.config.vocab_size == len(tok)
+    ids = tok("the sun rose", return_tensors="pt").input_ids
+    gen = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert gen.shape == (1, ids.shape[1] + 5)
+
+
+def test_save_total_limit_keeps_newest(data, tmp_path):
+    out = tmp_path / "run"
+    train(parse_args(tiny_argv(data, out, max_steps=5, save_steps=1, save_total_limit=2, eval_steps=0)))
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-4",
+                                                                                         "checkpoint-5"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def _run_until(argv, env_extra, out: Path, ready, timeout=120):
+    env = dict(os.environ, **env_extra)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t0 = time.time()
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                raise AssertionError(f"train.py ended before the kill (rc {proc.returncode}):\n{proc.stdout.read()}")
+            if time.time() - t0 > timeout:
+                raise AssertionError("timed out waiting for the moment to kill")
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_kill9_mid_run_then_resume_matches_uninterrupted(data, tmp_path, reference_run):
+    ref_out, _ = reference_run
+    out = tmp_path / "run"
+    argv = tiny_argv(data, out)
+
+    def after_checkpoint_3_and_step_4():
+        return (out / "checkpoint-3" / "trainer_state.json").exists() and (out / "logs" / "train.csv").exists() \
+            and any(int(r["step"]) >= 4 for r in read_csv(out / "logs" / "train.csv"))
+
+    _run_until(argv, {"SPIKELM_FAULT_STEP_SLEEP": "0.5"}, out, after_checkpoint_3_and_step_4)
+    assert not (out / "checkpoint-6").exists()
+    train(parse_args(argv + ["--resume_from_checkpoint", "latest"]))
+    ref, got = _losses(ref_out), _losses(out)
+    assert sorted(got) == list(range(1, 9))
+    for s in ref:
+        assert abs(ref[s] - got[s]) <= 1e-6, (s, ref[s], got[s])
+    a = _load_weights(ref_out)
+    b = _load_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _load_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_kill_during_checkpoint_write_loses_nothing(data, tmp_path, reference_run):
+    ref_out, _ = reference_run
+    out = tmp_path / "run"
+    argv = tiny_argv(data, out)
+
+    def inside_second_save():
+        return (out / ".tmp-checkpoint-6").is_dir() and (out / ".tmp-checkpoint-6" / "optimizer.pt").exists() \
+            and (out / ".tmp-checkpoint-6" / "rng_state_0.pth").exists()
+
+    # the fault pause sits between the file writes and the rename; kill -9 in it
+    _run_until(argv, {"SPIKELM_FAULT_CHECKPOINT_SLEEP": "30"}, out, inside_second_save)
+    before = _tree_digest(out / "checkpoint-3")
+    assert not (out / "checkpoint-6").exists()
+    assert [p.name for p in out.iterdir() if p.name.startswith("checkpoint")] == ["checkpoint-3"]
+    from spikelm.training import latest_checkpoint
+    assert latest_checkpoint(out).name == "checkpoint-3"
+    assert _tree_digest(out / "checkpoint-3") == before
+    train(parse_args(argv + ["--resume_from_checkpoint", "latest"]))
+    assert not (out / ".tmp-checkpoint-6").exists()
+    ref, got = _losses(ref_out), _losses(out)
+    assert all(abs(ref[s] - got[s]) <= 1e-6 for s in ref) and sorted(got) == list(range(1, 9))
+
+
+def test_nonfinite_loss_skips_step_then_aborts(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPIKELM_FAULT_NAN_STEPS", "2")
+    s = train(parse_args(tiny_argv(data, tmp_path / "a", max_steps=3, save_steps=0, eval_steps=0)))
+    assert s["skipped_steps"] == 1 and s["steps"] == 3
+    rows = read_csv(tmp_path / "a" / "logs" / "train.csv")
+    assert [int(r["skipped_steps"]) for r in rows] == [0, 1, 1]
+    monkeypatch.setenv("SPIKELM_FAULT_NAN_STEPS", "2,3,4")
+    with pytest.raises(TrainingError, match="3 steps in a row .* non-finite"):
+        train(parse_args(tiny_argv(data, tmp_path / "b", max_steps=6, save_steps=0, eval_steps=0,
+                                   max_consecutive_nonfinite=3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# bad inputs: a clear error naming the problem, nothing created or overwritten
+def _fails(argv, capsys, *needles):
+    rc = train_script.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def test_missing_and_empty_files(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    _fails(tiny_argv(data, out, train_file=tmp_path / "nope.txt"), capsys, "no such file", "nope.txt")
+    _fails(tiny_argv(data, out, train_file=tmp_path / "*.parquet"), capsys, "matches no file")
+    _fails(tiny_argv(data, out, validation_file=data / "empty.txt"), capsys, "empty.txt", "is empty")
+    assert not out.exists()
+
+
+def test_block_size_larger_than_data(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    _fails(tiny_argv(data, out, block_size=100000), capsys, "--block_size 100000 is larger than the")
+    assert not out.exists()
+
+
+def test_unknown_keys(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    _fails(tiny_argv(data, out) + ["--learning_rat", "1e-3"], capsys, "unknown key 'learning_rat'",
+           "learning_rate")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("block_size: 32\nhidden_sise: 64\n")
+    _fails(["--config", cfg] + tiny_argv(data, out), capsys, "unknown key 'hidden_sise'", "c.yaml")
+    _fails(tiny_argv(data, out, block_size="big"), capsys, "block_size must be an integer")
+    _fails(tiny_argv(data, out, hidden_size=0), capsys, "hidden_size must be an integer >= 1")
+    with pytest.raises(ConfigError, match="output_dir is required"):
+        parse_args(["--train_file", str(data / "train.txt")])
+    assert not out.exists()
+
+
+def test_tokenizer_vocab_must_match_model(data, tmp_path, capsys, reference_run):
+    ref_out, _ = reference_run
+    from spikelm.data import train_bpe_tokenizer
+    tok = train_bpe_tokenizer([(data / "train.txt").read_text()], 280)
+    tok.save_pretrained(tmp_path / "tok")
+    out = tmp_path / "run"
+    argv = tiny_argv(data, out, model_name_or_path=ref_out, tokenizer_name=tmp_path / "tok", vocab_size=None,
+                     hidden_size=None, num_hidden_layers=None, block_types=None, num_attention_heads=None,
+                     attention_window=None)
+    _fails(argv, capsys, "vocabulary", "does not match the model's vocab_size")
+    assert not out.exists()
+
+
+def test_output_dir_holding_another_run_is_left_alone(data, tmp_path, capsys, reference_run):
+    ref_out, _ = reference_run
+    digest = _tree_digest(ref_out)
+    _fails(tiny_argv(data, ref_out), capsys, "already holds a training run", "--resume_from_checkpoint latest")
+    _fails(tiny_argv(data, ref_out, hidden_size=48) + ["--resume_from_checkpoint", "latest"], capsys,
+           "holds a different run", "hidden_size: 32 -> 48")
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    _fails(tiny_argv(data, stranger), capsys, "already holds files")
+    _fails(tiny_argv(data, stranger) + ["--resume_from_checkpoint", "latest"], capsys, "not a SpikeLM run")
+    assert _tree_digest(ref_out) == digest
+    assert (stranger / "notes.txt").read_text() == "mine" and len(list(stranger.iterdir())) == 1
+
+
+def test_data_errors_are_dataerrors():
+    from spikelm.data import resolve_data_files
+    with pytest.raises(DataError, match="no such file"):
+        resolve_data_files("/nonexistent/x.txt")
