@@ -1,11 +1,12 @@
 """Triton kernels (ops/triton_scan.py, ops/triton_dsn.py) against their torch paths and the naive float64 oracle.
 
-Kernel tests (named test_kernel_*) run on CUDA when there is a GPU, else on the CPU under the Triton
+Kernel tests (class TestKernels) run on CUDA when there is a GPU, else on the CPU under the Triton
 interpreter. TRITON_INTERPRET=1 must be set before the kernels' module is first imported (triton.jit
 decides at decoration time), and other test modules may import it earlier in this process, so
-without a GPU `test_kernels_under_interpreter` reruns the kernel tests of this file in a fresh
-python with the variable set. Shapes are tiny: the interpreter runs every step in numpy.
-The torch paths, op registration and torch.compile tests need no Triton and run here directly.
+without a GPU the class is not collected here and `test_kernels_under_interpreter` runs it in a
+fresh python with the variable set. Shapes are tiny: the interpreter runs every tile in numpy.
+The torch paths, op registration, torch.compile and an sm_90 build of the kernels (ahead of time,
+no GPU needed) run here directly.
 """
 import math
 import os
