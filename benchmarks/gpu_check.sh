@@ -19,7 +19,7 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-"); sys.exit(0
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>/dev/null || true
 
 echo "== ops tests on CUDA (kernels natively, first call compiles them) =="
-timeout 250 "$PY" -m pytest -q -p no:cacheprovider -ra tests/test_triton.py tests/test_scan.py 2>&1 | tail -25
+timeout 250 "$PY" -m pytest -q -p no:cacheprovider -ra --continue-on-collection-errors tests/test_triton.py tests/test_scan.py 2>&1 | tail -25
 tests_rc=${PIPESTATUS[0]}
 echo "tests exit code: $tests_rc  ($(( $(date +%s) - start )) s so far)"
 

@@ -25,6 +25,12 @@ dx_t = dh_t + exp(g_{t+1}) dx_{t+1}, seeded by the final-state gradient), with d
 h_{t-1} fused into the output pass. The kernels also carry the fused DSN neuron mode (decay from
 the conv logit, drive (1 - alpha) X, spikes out), used by ops/triton_dsn.py.
 
+Bandwidth note: when chunks are needed (few sequences x channel blocks), passes 1 and 3 both read
+the inputs, so the forward moves (2 x input + output) bytes instead of (input + output): for the
+fused DSN forward in bf16 that caps it near 60% of copy bandwidth. Reaching the issue's 70% needs a
+single-pass scheme (e.g. decoupled look-back between chunks, CUB-style, with tiles large enough to
+amortise it); not attempted without a GPU to validate spin-waits and memory ordering on.
+
 References next to this kernel: ops/torch_scan.py (fast torch path) and ops/naive.py (oracle);
 tests/test_triton.py compares all three.
 """
