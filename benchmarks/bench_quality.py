@@ -247,6 +247,49 @@ def eval_by_position(model, docs: torch.Tensor, args, name: str) -> dict:
             "ppl_all": math.exp(float(nll.mean()))}
 
 
+def energy_estimate(model, val_ids: torch.Tensor, args) -> dict | None:
+    """Synaptic-operation energy per token (spikelm.eval.spiking_analysis: MAC 4.6 pJ, AC 0.9 pJ) on the first
+    energy_blocks validation blocks, for the spiking network and the same graph run dense."""
+    try:
+        from spikelm.eval import spiking_analysis
+    except ImportError:
+        return None
+    n = min(args.energy_blocks, (val_ids.numel() - 1) // args.block)
+    x = val_ids[: n * args.block].view(n, args.block)
+    a = spiking_analysis(model, x)
+    nets = a["energy"]["networks"]
+    return {"tokens": a["tokens"], "spiking_pj_per_token": nets["spiking"]["energy_pj_per_token"],
+            "dense_pj_per_token": nets["dense"]["energy_pj_per_token"],
+            "spiking_mac_per_token": nets["spiking"]["mac_per_token"], "spiking_ac_per_token": nets["spiking"]["ac_per_token"],
+            "dense_over_spiking": a["energy"]["dense_over_spiking"],
+            "spikes_per_token": a["firing"]["spikes_per_token"],
+            "by_category_spiking": nets["spiking"]["by_category"], "mac_pj": a["energy"]["mac_pj"],
+            "ac_pj": a["energy"]["ac_pj"]}
+
+
+def add_energy(args) -> None:
+    """Energy for models already trained: load each checkpoint, estimate, and add it to its JSON."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(args.work / f"tokenizer_{args.vocab}")
+    val_ids = token_stream(tok, read_docs(args.corpus / "validation.jsonl"), args.val_blocks * args.block + 1,
+                           args.seed + 1)
+    for name in args.models:
+        res, ckpt = args.results / f"{name}.json", args.work / f"{name}.pt"
+        if name == "llama" or not res.exists() or not ckpt.exists():
+            continue
+        r = json.loads(res.read_text())
+        from spikelm.models import SpikeLMConfig, SpikeLMForCausalLM
+
+        model = SpikeLMForCausalLM(SpikeLMConfig(**{k: v for k, v in r["config"].items()
+                                                    if k in SpikeLMConfig.__init__.__code__.co_varnames}))
+        model.load_state_dict(torch.load(ckpt))
+        r["energy"] = energy_estimate(model, val_ids, args)
+        log(f"{name}: {r['energy']['spiking_pj_per_token']:.0f} pJ/token spiking, "
+            f"{r['energy']['dense_pj_per_token']:.0f} dense")
+        res.write_text(json.dumps(r) + "\n")
+
+
 # ---------------------------------------------------------------------------------------- report
 def machine_info(args) -> dict:
     cpu = platform.processor()
@@ -287,6 +330,7 @@ def summarize(args) -> dict:
                      "events": r.get("firing", {}).get("events_per_neuron_step"),
                      "train_min": r["train_time_s"] / 60, "energy": r.get("energy")})
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    energy_cell = lambda e: "-" if not e else f"{e['spiking_pj_per_token'] / 1e6:.2f} M ({e['dense_pj_per_token'] / 1e6:.2f} M)"  # noqa: E731
     first = next(iter(per.values()))
     cfg = first["settings"]
     lines = [f"Training: {cfg['steps']} steps x {cfg['batch']} x {cfg['block']} tokens = "
@@ -295,13 +339,13 @@ def summarize(args) -> dict:
              f"by position: {first.get('by_position', {}).get('docs')} documents of "
              f"{first.get('by_position', {}).get('length')} tokens (16 x T).", "",
              "| model | params | val ppl | / Llama | / LIF | ppl @ 1x (pos 0-T) | ppl @ 16x (last T) | 16x / 1x "
-             "| firing rate | nonzero | events/neuron/step | train min |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| firing rate | nonzero | events/neuron/step | energy pJ/token (dense) | train min |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['params_M']:.2f} M | {r['val_ppl']:.2f} | {fmt(r['vs_llama'], '.3f')} | "
                      f"{fmt(r['vs_lif'], '.3f')} | {fmt(r['ppl_1x'], '.2f')} | {fmt(r['ppl_16x'], '.2f')} | "
                      f"{fmt(r['ratio_16x_1x'], '.3f')} | {fmt(r['firing_rate'], '.4f')} | {fmt(r['nonzero'], '.4f')} | "
-                     f"{fmt(r['events'], '.4f')} | {r['train_min']:.1f} |")
+                     f"{fmt(r['events'], '.4f')} | {energy_cell(r['energy'])} | {r['train_min']:.1f} |")
     if "llama" in per:
         pos = per["llama"].get("by_position", {}).get("ppl_by_window", [])
         if pos:
@@ -323,6 +367,9 @@ def summarize(args) -> dict:
             targets.append(("DSN fires less than LIF (rate = spikes / (N x neuron-steps), DSN / LIF)", a / b, a < b))
             a, b = d["firing"]["events_per_neuron_step"], per["lif"]["firing"]["events_per_neuron_step"]
             targets.append(("DSN fires less than LIF (binary events after unfolding, DSN / LIF)", a / b, a < b))
+        if "lif" in per and d.get("energy") and per["lif"].get("energy"):
+            a, b = d["energy"]["spiking_pj_per_token"], per["lif"]["energy"]["spiking_pj_per_token"]
+            targets.append(("DSN energy per token < LIF's (not an issue target; DSN / LIF)", a / b, a < b))
         if d.get("by_position"):
             q = d["by_position"]["ppl_16x_last_window"] / d["by_position"]["ppl_1x"]
             targets.append(("DSN ppl at 16x <= at 1x (last window / first)", q, q <= 1.0))
@@ -392,7 +439,7 @@ def main(argv=None):
     p.add_argument("--tok-chars", type=int, default=20000, help="characters per train document for the BPE")
     p.add_argument("--block", type=int, default=128, help="training length T")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--steps", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps")
@@ -414,12 +461,16 @@ def main(argv=None):
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--params-only", action="store_true", help="print parameter counts and exit")
     p.add_argument("--summarize", action="store_true", help="only rebuild the table and PNGs from per-model JSONs")
+    p.add_argument("--energy-blocks", type=int, default=16, help="validation blocks for the energy estimate")
+    p.add_argument("--energy", action="store_true", help="add energy estimates to finished models' JSONs, then summarize")
     p.add_argument("--prepare-only", action="store_true", help="train the tokenizer and tokenize, then exit")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.results.mkdir(parents=True, exist_ok=True)
-    if args.summarize:
+    if args.energy:
+        add_energy(args)
+    if args.summarize or args.energy:
         summarize(args)
         return
     args.work.mkdir(parents=True, exist_ok=True)
@@ -465,6 +516,8 @@ def main(argv=None):
                                                           if "firing" in result else ""))
         result["by_position"] = eval_by_position(model, long_docs, args, name)
         result["by_position"]["doc_ids"] = long_ids
+        if name != "llama":
+            result["energy"] = energy_estimate(model, val_ids, args)
         result["eval_time_s"] = time.time() - t1
         bp = result["by_position"]
         log(f"{name}: ppl by window " + " ".join(f"{w['ppl']:.1f}" for w in bp["ppl_by_window"]))
