@@ -1,0 +1,162 @@
+"""Training throughput (tokens/s of forward + backward + AdamW step) on this CPU: SpikeLM against
+transformers' LlamaForCausalLM and MambaForCausalLM of the same parameter count (random weights).
+
+Every step trains on the same number of tokens (--tokens, default 8192): batch = tokens / block,
+so block 512 runs 16 rows, 2k 4 rows, 8k 1 row. SpikeLM has the shape of configs/small.yaml
+(~19M parameters); Llama's and Mamba's depth is chosen to match its parameter count.
+
+    python benchmarks/bench_training.py                     # blocks 512, 2048, 8192; all three models
+    python benchmarks/bench_training.py --blocks 512 --models spikelm llama --steps 2
+
+Prints a table and writes benchmarks/results/bench_training.json (machine, threads, load average
+before and after each measurement: this machine may be shared, so read the numbers with it).
+Issue 5's goals: at least Llama's throughput at 2k, and 3x Llama's at 8k.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+VOCAB, HIDDEN = 8192, 384
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def spikelm_model(block: int):
+    from spikelm import SpikeLMConfig, SpikeLMForCausalLM
+    cfg = SpikeLMConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=8, num_attention_heads=6,
+                        attention_window=512)
+    return SpikeLMForCausalLM(cfg)
+
+
+def llama_model(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=1024, num_hidden_layers=layers,
+                      num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=16384,
+                      tie_word_embeddings=True, attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg)
+
+
+def mamba_model(layers: int):
+    from transformers import MambaConfig, MambaForCausalLM
+    cfg = MambaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=layers, state_size=16, expand=2,
+                      tie_word_embeddings=True)
+    return MambaForCausalLM(cfg)
+
+
+def matched_layers(build, target: int, lo: int = 1, hi: int = 64) -> int:
+    """The depth whose parameter count is closest to target (built on the meta device: no memory)."""
+    best, best_d = lo, None
+    with torch.device("meta"):
+        for n in range(lo, hi + 1):
+            d = abs(n_params(build(n)) - target)
+            if best_d is None or d < best_d:
+                best, best_d = n, d
+            elif d > best_d:
+                break
+    return best
+
+
+def time_steps(model, block: int, tokens: int, steps: int, warmup: int, budget_s: float) -> dict:
+    batch = max(1, tokens // block)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, VOCAB, (batch, block), generator=g)
+    times = []
+    t_all = time.perf_counter()
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t
+        if i >= warmup:
+            times.append(dt)
+        elif time.perf_counter() - t_all > budget_s:  # too slow to warm up and still time it: keep this step
+            times.append(dt)
+            break
+        if times and time.perf_counter() - t_all > budget_s:
+            break
+    best = min(times)
+    return {"batch": batch, "block": block, "tokens_per_step": batch * block, "step_s": times,
+            "best_step_s": best, "tokens_per_s": batch * block / best, "warm": len(times) > 0 and warmup > 0
+            and len(times) <= steps, "loss": float(loss)}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--blocks", default="512,2048,8192")
+    p.add_argument("--models", nargs="+", default=["spikelm", "llama", "mamba"])
+    p.add_argument("--tokens", type=int, default=8192, help="tokens per training step (batch = tokens / block)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps (the best is reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--budget", type=float, default=240.0, help="seconds per (model, block) at most")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "bench_training.json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    blocks = [int(b) for b in args.blocks.split(",")]
+
+    with torch.device("meta"):
+        target = n_params(spikelm_model(512))
+    depth = {"llama": matched_layers(llama_model, target), "mamba": matched_layers(mamba_model, target)}
+    builders = {"spikelm": spikelm_model, "llama": lambda b: llama_model(depth["llama"]),
+                "mamba": lambda b: mamba_model(depth["mamba"])}
+    results = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                           "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                           "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
+               "settings": vars(args) | {"out": str(args.out)}, "parameters": {}, "depth": depth, "runs": []}
+    import transformers
+    results["machine"]["transformers"] = transformers.__version__
+    for name in args.models:
+        for block in blocks:
+            gc.collect()
+            torch.manual_seed(0)
+            model = builders[name](block)
+            results["parameters"][name] = n_params(model)
+            load0 = os.getloadavg()
+            r = time_steps(model, block, args.tokens, args.steps, args.warmup, args.budget)
+            r.update(model=name, loadavg_before=load0, loadavg_after=os.getloadavg())
+            results["runs"].append(r)
+            print(f"{name:8s} block {block:5d} batch {r['batch']:3d}: {r['tokens_per_s']:8.0f} tok/s "
+                  f"(best step {r['best_step_s']:.2f}s of {len(r['step_s'])}; load {load0[0]:.1f})", flush=True)
+            del model
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=1))  # partial results survive a cut-off
+
+    # table
+    print()
+    print(f"parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in results["parameters"].items())
+          + f" (llama {depth['llama']} layers, mamba {depth['mamba']} layers)")
+    head = "| block | " + " | ".join(f"{m} tok/s" for m in args.models) + " | spikelm / llama |"
+    print(head)
+    print("|" + "---|" * (len(args.models) + 2))
+    for block in blocks:
+        row = {r["model"]: r["tokens_per_s"] for r in results["runs"] if r["block"] == block}
+        ratio = row["spikelm"] / row["llama"] if "spikelm" in row and "llama" in row else float("nan")
+        print(f"| {block} | " + " | ".join(f"{row.get(m, float('nan')):.0f}" for m in args.models)
+              + f" | {ratio:.2f}x |")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
