@@ -49,7 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     _common(q)
     q.add_argument("--train_len", type=int, default=None, help="training block size (default: from run_config.json)")
     q.add_argument("--multiple", type=float, default=16, help="window length = multiple x train_len (+1 token)")
-    q.add_argument("--windows", type=int, default=4, help="at most this many non-overlapping windows")
+    q.add_argument("--windows", type=int, default=4, help="at most this many windows")
+    q.add_argument("--stride", type=int, default=None,
+                   help="a window starts every STRIDE tokens (default: the window length, no overlap); a shorter "
+                        "stride moves the same text to other positions, averaging content out of the curve")
     q.add_argument("--bucket_size", type=int, default=None, help="positions per bucket (default: train_len / 2)")
     q.add_argument("--modes", default="parallel,streaming", help="comma-separated: parallel, streaming")
     q.add_argument("--parallel_chunk", type=int, default=None,
@@ -134,7 +137,7 @@ def cmd_position(args, model, tokenizer) -> dict:
     length = int(round(args.multiple * train_len)) + 1  # +1: the last position predicts a token too
     ids = _tokens(tokenizer, args.text, args.max_tokens)
     try:
-        windows = split_windows(ids, length, args.windows)
+        windows = split_windows(ids, length, args.windows, args.stride)
     except ValueError as e:
         raise UserError(f"--text_file {args.text_file}: {e} (= {args.multiple} x {train_len} + 1)") from None
     bucket = args.bucket_size or max(1, train_len // 2)
@@ -142,6 +145,7 @@ def cmd_position(args, model, tokenizer) -> dict:
     result = evaluate_by_position(model, windows, modes, bucket_size=bucket,
                                   chunk_size={"parallel": args.parallel_chunk, "streaming": args.stream_chunk},
                                   train_len=train_len, progress=lambda m: print(f"[evaluate] {m}", file=sys.stderr))
+    result["stride"] = args.stride or length
     result["seconds"] = time.perf_counter() - t
     if args.out_png:
         from spikelm.eval.plots import plot_perplexity_by_position

@@ -83,6 +83,8 @@ def test_perplexity_by_position_past_training_length(tokenizer):
     model = make_model(tokenizer)
     windows = split_windows(torch.randint(0, len(tokenizer), (2 * 65 + 7,)), 65)
     assert windows.shape == (2, 65)
+    overlapping = split_windows(torch.arange(100), 30, stride=20)
+    assert overlapping.shape == (4, 30) and overlapping[1, 0] == 20 and overlapping[3, -1] == 89
     r = evaluate_by_position(model, windows, ("parallel", "streaming"), bucket_size=16,
                              chunk_size={"streaming": 4}, train_len=8)
     assert r["agreement"]["ppl_rel_diff"] < 1e-6

@@ -99,15 +99,23 @@ def perplexity_by_bucket(nll: torch.Tensor, edges: list[int]) -> list[dict]:
     return rows
 
 
-def split_windows(ids, length: int, max_windows: int | None = None) -> torch.Tensor:
-    """Cut a token stream into non-overlapping windows of `length` tokens: [n, length]."""
+def split_windows(ids, length: int, max_windows: int | None = None, stride: int | None = None) -> torch.Tensor:
+    """Cut a token stream into windows of `length` tokens starting every `stride` tokens: [n, length].
+
+    stride None (= length) gives non-overlapping windows. A stride shorter than the window puts the
+    same text at different positions in different windows, so that a by-position curve averages
+    over content instead of following the text (useful when the text is short).
+    """
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
-    n = ids.numel() // length
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n < 1:
+    stride = length if stride is None else stride
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if ids.numel() < length:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {length}")
-    return ids[: n * length].view(n, length)
+    windows = ids.unfold(0, length, stride)
+    if max_windows is not None:
+        windows = windows[:max_windows]
+    return windows.contiguous()
 
 
 def evaluate_by_position(model, windows: torch.Tensor, modes=("parallel",), bucket_size: int = 512,
