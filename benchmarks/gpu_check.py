@@ -201,9 +201,10 @@ def main(argv=None):
 
     header = (f"{'case':>12} {'dtype':>5} {'T':>6} | {'fwd ms':>9} {'GB/s':>7} {'%copy':>6} | {'fwd+bwd ms':>10}")
     print(header + "\n" + "-" * len(header), flush=True)
-    for dname in args.dtypes.split(","):
-        dtype = DTYPES[dname]
-        for T in args.T:
+    # longest T first: if the time budget runs out, what is skipped is the short sequences, not the headline
+    for T in sorted(args.T, reverse=True):
+        for dname in args.dtypes.split(","):
+            dtype = DTYPES[dname]
             for name in args.cases.split(","):
                 row = dict(case=name, dtype=dname, B=args.B, C=args.C, T=T)
                 if name == "lif" and T > args.lif_max_T:
