@@ -285,3 +285,32 @@ def test_data_errors_are_dataerrors():
     from spikelm.data import resolve_data_files
     with pytest.raises(DataError, match="no such file"):
         resolve_data_files("/nonexistent/x.txt")
+
+
+def test_streaming_jsonl_folder_and_resume(data, tmp_path):
+    """--streaming over a folder of .jsonl files; resuming at a checkpoint skips the blocks already read."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    docs = (data / "train.txt").read_text().split("\n\n")
+    for i in range(2):
+        with open(folder / f"part{i}.jsonl", "w") as f:
+            for d in docs[i::2]:
+                f.write(json.dumps({"text": d}) + "\n")
+    out = tmp_path / "run"
+    argv = tiny_argv(data, out, train_file=folder, streaming="true", max_steps=4, save_steps=2, eval_steps=0,
+                     streaming_shuffle_buffer=16)
+    train(parse_args(argv))
+    first = _losses(out)
+    assert sorted(first) == [1, 2, 3, 4]
+    import shutil
+    shutil.rmtree(out / "checkpoint-4")  # as if killed after checkpoint-2
+    train(parse_args(argv + ["--resume_from_checkpoint", "latest"]))
+    again = _losses(out)
+    assert all(abs(first[s] - again[s]) <= 1e-6 for s in first), (first, again)
+
+
+def test_tensorboard_logs(data, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    train(parse_args(tiny_argv(data, out, max_steps=2, save_steps=0, eval_steps=0, report_to="tensorboard")))
+    assert list((out / "logs").glob("events.out.tfevents.*"))
