@@ -196,13 +196,14 @@ def test_invalid_sampling_params(tokenizer, kwargs, match):
     gen = StreamingGenerator(model, tokenizer)
     gen.feed("a")
     with pytest.raises(ValueError, match=match):
-        next(gen.generate(3, **kwargs))
+        gen.generate(3, **kwargs)  # raised at the call
 
 
 def test_generate_before_feed_is_an_error(tokenizer):
     gen = StreamingGenerator(make_model(tokenizer), tokenizer)
     with pytest.raises(ValueError, match="feed"):
-        next(gen.generate(3))
+        gen.generate(3)
+    assert list(gen.generate(0)) == []
 
 
 # -- spiking analysis ------------------------------------------------------------------------------

@@ -182,10 +182,11 @@ class StreamingGenerator:
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
             raise ValueError(f"n must be an integer >= 0 or None (unbounded), got {n!r}")
         params = SamplingParams(**{**vars(self.params), **overrides}) if overrides else self.params
-        if self.logits is None:
-            if n == 0:
-                return
+        if self.logits is None and n != 0:
             raise ValueError("nothing to continue from: feed() a prompt (at least one token) first")
+        return self._generate(n, params)  # checks above run at the call, not at the first next()
+
+    def _generate(self, n: int | None, params: SamplingParams) -> Iterator[int]:
         made = 0
         while n is None or made < n:
             recent = torch.tensor(list(self.recent), dtype=torch.long) if self.recent else None
@@ -202,7 +203,10 @@ class StreamingGenerator:
         """Like generate, but yields decoded text pieces as soon as they form whole characters."""
         if self.tokenizer is None:
             raise ValueError("generate_text needs a tokenizer")
-        for token in self.generate(n, **overrides):
+        return self._generate_text(self.generate(n, **overrides), skip_special_tokens)
+
+    def _generate_text(self, tokens: Iterator[int], skip_special_tokens: bool) -> Iterator[str]:
+        for token in tokens:
             piece = self.decode_piece(token, skip_special_tokens)
             if piece:
                 yield piece
