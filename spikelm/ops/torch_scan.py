@@ -17,6 +17,9 @@ both passes read as their decay and pass 3 overwrites with h (no second exp, no 
 Large outputs are allocated with transparent huge pages (`_empty`), because first-touch page faults
 of a fresh 4 KiB-paged buffer ran at ~1.5 GB/s on the benchmark machine: slower than the scan.
 The backward runs the same blocked kernel in reverse time order on strided views, without flips.
+The per-step ops are kept under torch's parallel grain (chunks lengthened until a step's slice has
+<= 32768 numbers): each multi-threaded op ends in a barrier, and on a shared machine a barrier
+waits for a descheduled thread; only the few whole-block ops (exp2, sum) run multi-threaded.
 
 Measured candidates (benchmarks/results/scan_candidates.md has the numbers and the machine).
 """
@@ -29,6 +32,7 @@ import sys
 import torch
 
 _BLOCK_ELEMENTS = 1 << 20  # numbers per tensor in one cache block (S * B * D): 4 MiB float32
+_GRAIN = 32768  # at::internal::GRAIN_SIZE: smaller elementwise ops run on one thread
 _HUGE_MIN_BYTES = 8 << 20  # outputs at least this large get transparent huge pages
 _HUGE_OK = sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE")
 
@@ -62,7 +66,9 @@ def _exp(g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 def _sizes(L: int, BD: int) -> tuple[int, int]:
     """(block length S, chunk length C) for L steps of B*D numbers each."""
     S = min(L, max(64, _BLOCK_ELEMENTS // max(BD, 1)))
-    C = max(1, min(64, int(math.sqrt(S / 2))))
+    C = max(1, min(64, int(math.sqrt(S / 2))))  # C + S/C ops per pass: balanced near sqrt(S)
+    if S // C * BD > _GRAIN:  # longer chunks, so that a step's [B, nC, D] slice stays one thread's work
+        C = min(S, -(-S * BD // _GRAIN))
     return S, C
 
 
