@@ -410,6 +410,8 @@ def triton_scan(x: torch.Tensor, g: torch.Tensor, h0: torch.Tensor | None, cu_se
             raise ValueError(f"triton_scan: {name} must be contiguous")
     if g.dtype != x.dtype:
         raise TypeError(f"triton_scan: x and g must share a dtype, got {x.dtype} and {g.dtype}")
+    if not x.is_cuda and not interpreted():
+        raise ValueError(f"triton_scan: x must be a CUDA tensor (CPU tensors need TRITON_INTERPRET=1), got {x.device}")
     if chunk_len is not None and (not isinstance(chunk_len, int) or chunk_len < 1):
         raise ValueError(f"triton_scan: chunk_len must be an integer >= 1, got {chunk_len!r}")
     return _TritonScan.apply(x, g, h0, cu_seqlens, chunk_len)
