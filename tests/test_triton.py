@@ -428,9 +428,11 @@ class TestKernels:
         g = torch.full((1, T, D), math.log(0.5), device="cuda")
         with torch.no_grad():
             h, last = kernels.triton_scan(x, g, None, None)
-        # h_t = 2 - 2^-t: exactly 2 in float32 after ~25 steps; the tail past 2^31 elements must be written
-        assert torch.all(h[0, -3:] == 2.0) and torch.all(last == 2.0)
-        assert h[0, 0, 0].item() == 1.0 and h[0, 1, -1].item() == 1.5
+        # h_t = 2 - 2^-t (to float32 rounding of exp): the rows past 2^31 elements must be written too
+        two = torch.full((3, D), 2.0, device="cuda")
+        torch.testing.assert_close(h[0, -3:], two, atol=1e-5, rtol=0)
+        torch.testing.assert_close(last[0], two[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(h[0, :2, -1].cpu(), torch.tensor([1.0, 1.5]), atol=1e-6, rtol=0)
         del x, g, h
 
     @pytest.mark.parametrize("B,T,C,chunk,init,tau,N", [
