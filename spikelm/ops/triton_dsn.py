@@ -47,6 +47,11 @@ def _rect_spikes(h: torch.Tensor, max_spike: int) -> torch.Tensor:
     return quantize_spikes(h, max_spike, "rect")
 
 
+def _log_decay(logit: torch.Tensor, tau: float) -> torch.Tensor:
+    # as DSN._log_decay: log sigmoid(a') = -softplus(-a') (F.logsigmoid has a slow CPU path), floored
+    return F.softplus(-logit).mul(-1.0 / tau).clamp(min=LOG_DECAY_FLOOR)
+
+
 def dsn_reference(logit, x, initial_state=None, cu_seqlens=None, tau: float = 0.25, max_spike: int = 4,
                   backend: str = "torch", dtype=torch.float32):
     """The unfused torch composition of the DSN neuron after its conv; differentiable (autograd).
@@ -55,7 +60,7 @@ def dsn_reference(logit, x, initial_state=None, cu_seqlens=None, tau: float = 0.
     with dtype=torch.float64 is the oracle. Returns (spikes in x's dtype, final state in dtype).
     """
     xf = x.to(dtype)
-    log_decay = (F.logsigmoid(logit.to(dtype)) / tau).clamp(min=LOG_DECAY_FLOOR)
+    log_decay = _log_decay(logit.to(dtype), tau)
     drive = -torch.expm1(log_decay) * xf  # (1 - alpha) X
     h0 = None if initial_state is None else initial_state.to(dtype)
     membrane, last = scan(drive, log_decay, h0, output_final_state=True, cu_seqlens=cu_seqlens, backend=backend)
@@ -77,7 +82,7 @@ def _torch_fused_backward(grad_s, grad_last, logit, x, h0, cu_seqlens, tau, max_
     """
     B, T, C = x.shape
     lf, xf, gs = logit.float(), x.float(), grad_s.float()
-    ls = F.logsigmoid(lf) / tau
+    ls = F.softplus(-lf).mul(-1.0 / tau)  # logsigmoid(a') / tau, as the forward computes it
     log_decay = ls.clamp(min=LOG_DECAY_FLOOR)
     h0f = None if h0 is None else h0.float()
     cu = [b * T for b in range(B + 1)] if cu_seqlens is None else cu_seqlens.tolist()
@@ -283,8 +288,8 @@ def dsn_step_torch_(x, conv_state, membrane, weight, bias, tau: float, max_spike
     logit = bias.float().expand_as(membrane)
     w = weight.float()
     for j in range(weight.shape[1]):
-        logit = logit + window[:, j] * w[:, j]
-    log_decay = (F.logsigmoid(logit) / tau).clamp(min=LOG_DECAY_FLOOR)
+        logit = torch.addcmul(logit, window[:, j], w[:, j])  # DSN._decay_logit's op, in its order
+    log_decay = _log_decay(logit, tau)
     h = torch.addcmul(-torch.expm1(log_decay) * x.float(), torch.exp(log_decay), membrane)
     membrane.copy_(h)
     conv_state.copy_(window[:, 1:].to(conv_state.dtype))
