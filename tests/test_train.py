@@ -314,3 +314,10 @@ def test_tensorboard_logs(data, tmp_path):
     out = tmp_path / "run"
     train(parse_args(tiny_argv(data, out, max_steps=2, save_steps=0, eval_steps=0, report_to="tensorboard")))
     assert list((out / "logs").glob("events.out.tfevents.*"))
+
+
+def test_bf16_autocast_keeps_float32_weights(data, tmp_path):
+    out = tmp_path / "run"
+    s = train(parse_args(tiny_argv(data, out, max_steps=2, save_steps=0, eval_steps=0, mixed_precision="bf16")))
+    assert s["skipped_steps"] == 0 and s["final_eval"]["loss"] > 0
+    assert all(v.dtype == torch.float32 for v in _load_weights(out).values())

@@ -125,6 +125,12 @@ def all_keys() -> list[str]:
     return list(_FIELDS) + model_keys()
 
 
+def _base_type(key: str):
+    tp = typing.get_type_hints(TrainArgs)[key]
+    args = typing.get_args(tp)
+    return next((a for a in args if a is not type(None)), tp) if args else tp
+
+
 def _coerce(key: str, value, where: str):
     """Check/convert a value to the type of key (model keys are checked by SpikeLMConfig itself)."""
     if key not in _FIELDS:
@@ -157,7 +163,9 @@ def _coerce(key: str, value, where: str):
             raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
         return float(value)
     if base is str:
-        if isinstance(value, (dict, list)):
+        if key == "mixed_precision" and value is False:  # YAML reads `no` as false
+            return "no"
+        if isinstance(value, (dict, list, bool)):
             raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
         return str(value)
     return value
@@ -207,10 +215,9 @@ def parse_cli(argv: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        if key in ("train_file", "validation_file", "output_dir", "tokenizer_name", "model_name_or_path", "config",
-                   "resume_from_checkpoint", "cache_dir", "dataset_name", "sample_prompt") and value is not None \
-                and not isinstance(value, list):
-            value = raw  # paths and prompts stay strings verbatim
+        f = _FIELDS.get(key)
+        if f is not None and value is not None and not isinstance(value, list) and _base_type(key) in (str, Any):
+            value = raw  # strings (paths, prompts, "no") stay verbatim: YAML would read `no` as false
         out[key] = value
     return out
 

@@ -251,6 +251,8 @@ def train(args: TrainArgs) -> dict:
         torch.set_num_threads(args.num_threads)
     check_report_to(args.report_to)
     resume_ckpt = resolve_run_dir(args)
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state()  # a second train() in one process may change mixed_precision
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     main = accelerator.is_main_process
     set_seed(args.seed)
