@@ -52,6 +52,7 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
 
 _LOG2E = 1.4426950408889634
 _USE_EXP2 = True
+_WHOLE_EXP = True  # exp of all decays in one op (few multi-threaded barriers) vs per cache block
 
 
 def _exp(g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,11 @@ def _block(x, a, g, out, carry, C: int, rev: bool, buf):
         torch.addcmul(xs[i], as_[i], end, out=tmp)
         end, tmp = tmp, end
     # chunk decays exp(sum g), in log space (tmp is free now)
-    _exp(torch.sum(g[:, span].view(B, nC, C, D), dim=2, out=tmp), out=tmp)
+    gs = g[:, span].view(B, nC, C, D).unbind(2)  # a loop of one-thread adds: no multi-threaded barrier
+    torch.add(gs[0], gs[1], out=tmp)
+    for i in range(2, C):
+        tmp.add_(gs[i])
+    _exp(tmp, out=tmp)
     # pass 2: true chunk starts
     ends, decays, st = end.unbind(1), tmp.unbind(1), starts.unbind(1)
     chunks = list(range(nC - 1, -1, -1)) if rev else list(range(nC))
@@ -127,10 +132,13 @@ def chunked_scan_forward(x: torch.Tensor, g: torch.Tensor, initial_state: torch.
         return h, carry
     S, C = _sizes(T, B * D)
     buf = x.new_empty(3 * B * (S // C + 1) * D)
+    if _WHOLE_EXP:
+        _exp(g, out=h)  # all decays at once; pass 3 overwrites them with h
     for s0 in range(0, T, S):
         blk = slice(s0, min(T, s0 + S))
         hb = h[:, blk]
-        _exp(g[:, blk], out=hb)  # decays, overwritten by h in pass 3
+        if not _WHOLE_EXP:
+            _exp(g[:, blk], out=hb)
         carry = _block(x[:, blk], hb, g[:, blk], hb, carry, C, False, buf)
     return h, carry.clone()
 
@@ -186,6 +194,17 @@ def _blocked_backward(grad_h, grad_last, g, h, initial_state, needs_initial_grad
     h0 = g.new_zeros(B, D) if initial_state is None else initial_state.to(g.dtype)
     S, C = _sizes(T, B * D)
     buf = g.new_empty(3 * B * (S // C + 1) * D)
+    if _WHOLE_EXP:
+        _exp(g, out=dg)  # e_t = exp(g_t), turned into dg_t = dx_t * e_t * h_{t-1} at the end
+        carry = torch.add(dh[:, T - 1], carry, out=dx[:, T - 1])  # exp(g_T) := 1: the seed enters as is
+        for s1 in range(T - 1, 0, -S):  # dx_t = dh_t + e_{t+1} dx_{t+1}, t = T-2 .. 0
+            s0 = max(0, s1 - S)
+            carry = _block(dh[:, s0:s1], dg[:, s0 + 1 : s1 + 1], g[:, s0 + 1 : s1 + 1], dx[:, s0:s1], carry, C, True, buf)
+        dh0 = dx[:, 0] * dg[:, 0] if needs_initial_grad else None
+        dg.mul_(dx)
+        dg[:, 1:].mul_(h[:, :-1])
+        dg[:, 0].mul_(h0)
+        return dx, dg, dh0
     e_next = g.new_ones(B, D)  # exp(g_T) := 1: the seed enters dx_{T-1} as is
     for s1 in range(T, 0, -S):
         s0 = max(0, s1 - S)
