@@ -9,17 +9,19 @@ chunked form cuts a span of time into nC chunks of C steps and runs C + nC + C s
 No cumulative product of decays is ever formed and nothing is divided by a decay, so a decay that
 underflows to 0 (a hard reset, g = -inf) is exact, at any length.
 
-Cache blocking: the sequence is walked in blocks of S steps (S * B * D about 2^19 numbers, a few
-MiB per tensor, so the block's x, g and h stay in the 32 MiB L3 cache); the three passes run inside
-a block and the block's last state carries into the next. DRAM then sees x and g read once and h
-written once. The decays exp(g) are computed once per block straight into the output block, which
-both passes read as their decay and pass 3 overwrites with h (no second exp, no scratch tensor).
+Cache blocking: the sequence is walked in blocks of S steps (S * B * D about 2^20 numbers, 4 MiB
+per tensor, so a block's x and h stay in the 32 MiB L3 cache between passes 1 and 3); the three
+passes run inside a block and the block's last state carries into the next. The decays exp(g) are
+computed once (as exp2(g * log2 e)) straight into the output h, which both passes read as their
+decay and pass 3 overwrites with h: no second exp and no scratch tensor.
 Large outputs are allocated with transparent huge pages (`_empty`), because first-touch page faults
 of a fresh 4 KiB-paged buffer ran at ~1.5 GB/s on the benchmark machine: slower than the scan.
 The backward runs the same blocked kernel in reverse time order on strided views, without flips.
-The per-step ops are kept under torch's parallel grain (chunks lengthened until a step's slice has
-<= 32768 numbers): each multi-threaded op ends in a barrier, and on a shared machine a barrier
-waits for a descheduled thread; only the few whole-block ops (exp2, sum) run multi-threaded.
+Threads: every multi-threaded torch op ends in a barrier, and on a shared machine a barrier waits
+for a descheduled thread (milliseconds). So the per-step ops are kept under torch's parallel grain
+(chunks lengthened until a step's slice has <= 32768 numbers) and run on one thread each, and
+the exp of all decays is one op over the whole tensor rather than one per block: a call has a
+handful of multi-threaded ops (the per-block exp, `_WHOLE_EXP = False`, was 2x slower at load 10).
 
 Measured candidates (benchmarks/results/scan_candidates.md has the numbers and the machine).
 """
