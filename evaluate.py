@@ -28,6 +28,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (auto: as saved)")
     p.add_argument("--max_tokens", type=int, default=None, help="use at most this many tokens of the file")
     p.add_argument("--out_json", default=None, help="write the result here too")
+    p.add_argument("--note", default=None, help="free text stored in the JSON (what the model is, caveats)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -83,12 +84,24 @@ def _tokens(tokenizer, text: str, max_tokens):
 def _meta(args, model, device, command: str) -> dict:
     import torch
 
-    return {"command": command,
+    return {"command": command, "note": args.note,
             "model": str(args.model), "text_file": str(args.text_file), "device": str(device),
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "torch": torch.__version__,
             "machine": platform.machine(), "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def unigram_perplexity(ids) -> float:
+    """Perplexity of the best context-free model of these very tokens (their own unigram frequencies): a
+    model that does not beat it has learned no use of context."""
+    import math
+
+    import torch
+
+    counts = torch.bincount(ids.flatten()).double()
+    p = counts[counts > 0] / counts.sum()
+    return math.exp(float(-(p * p.log()).sum()))
 
 
 def cmd_ppl(args, model, tokenizer) -> dict:
@@ -113,7 +126,8 @@ def cmd_ppl(args, model, tokenizer) -> dict:
         chunk = 2048 if model.model.supports_cache else None  # bound memory on a long file
     t = time.perf_counter()
     nll = __import__("torch").cat([token_nll(model, w, args.mode, chunk) for w in windows])
-    return {"perplexity": perplexity(nll), "nll": float(nll.mean()), "scored_tokens": int(nll.numel()),
+    return {"perplexity": perplexity(nll), "unigram_ppl_of_text": unigram_perplexity(windows[:, 1:]),
+            "nll": float(nll.mean()), "scored_tokens": int(nll.numel()),
             "windows": int(windows.shape[0]), "context": int(windows.shape[1]), "mode": args.mode,
             "chunk_size": chunk, "seconds": time.perf_counter() - t}
 
@@ -146,6 +160,7 @@ def cmd_position(args, model, tokenizer) -> dict:
                                   chunk_size={"parallel": args.parallel_chunk, "streaming": args.stream_chunk},
                                   train_len=train_len, progress=lambda m: print(f"[evaluate] {m}", file=sys.stderr))
     result["stride"] = args.stride or length
+    result["unigram_ppl_of_text"] = unigram_perplexity(windows[:, 1:])
     result["seconds"] = time.perf_counter() - t
     if args.out_png:
         from spikelm.eval.plots import plot_perplexity_by_position
