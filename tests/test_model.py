@@ -132,18 +132,38 @@ def test_generate_sampling_beam_and_repetition_penalty():
     assert torch.equal(beams[0, :7], ids[0]) and torch.equal(beams[2, :7], ids[1])
 
 
-def test_beam_search_reorders_cache_like_recomputation():
-    """The best beam's tokens must score as generate says when recomputed from scratch."""
+def test_reorder_cache_matches_recomputation():
+    """After reorder_cache, every state (blocks and the spike layer before the head) follows its row."""
+    model = tiny_model()
+    ids = torch.randint(1, 97, (2, 9))
+    with torch.no_grad():
+        cache = model(ids[:, :8], use_cache=True)[CACHE_NAME]
+        cache.reorder_cache(torch.tensor([1, 0]))
+        nxt = ids[[1, 0], 8:9]
+        got = model(nxt, use_cache=True, **{CACHE_NAME: cache}).logits[:, -1]
+        want = model(ids[[1, 0]]).logits[:, -1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_beam_search_scores_match_recomputation():
     model = tiny_model()
     ids = torch.randint(1, 97, (1, 6))
-    out = model.generate(ids, max_new_tokens=6, num_beams=4, do_sample=False, output_scores=True,
-                         return_dict_in_generate=True, pad_token_id=0, length_penalty=0.0)
-    seq = out.sequences[0:1]
+    out = model.generate(ids, max_new_tokens=6, num_beams=4, num_return_sequences=4, do_sample=False,
+                         output_scores=True, return_dict_in_generate=True, pad_token_id=0, length_penalty=0.0)
     with torch.no_grad():
-        logp = torch.log_softmax(model(seq).logits[0, 5:-1], dim=-1)
-    total = logp.gather(1, seq[0, 6:, None]).sum()
-    # batched beams vs one row may differ by float rounding; a wrong reorder is off by whole nats
-    torch.testing.assert_close(total, out.sequences_scores[0], atol=2e-2, rtol=0)
+        for seq, score in zip(out.sequences, out.sequences_scores):
+            logp = torch.log_softmax(model(seq[None]).logits[0, 5:-1], dim=-1)
+            torch.testing.assert_close(logp.gather(1, seq[6:, None]).sum(), score, atol=1e-3, rtol=0)
+
+
+def test_generate_from_inputs_embeds():
+    model = tiny_model()
+    ids = torch.randint(1, 97, (1, 6))
+    embeds = model.get_input_embeddings()(ids)
+    with torch.no_grad():
+        from_embeds = model.generate(inputs_embeds=embeds, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        from_ids = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(from_embeds[0, -5:], from_ids[0, 6:])
 
 
 def test_cache_is_constant_size():

@@ -37,8 +37,10 @@ class SpikeLMCache:
 
     def __init__(self, num_layers: int):
         self.layers: list[Any] = [None] * num_layers
+        self.final: Any = None  # state of the spike layer in front of the LM head
         self.positions: torch.Tensor | None = None  # [B] long: real tokens seen per row
         self.length = 0  # token columns processed so far (left padding included)
+        self.input_ids_consumed = 0  # columns of generate()'s input_ids seen (prompt embeds are not among them)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
@@ -51,11 +53,12 @@ class SpikeLMCache:
         """Keep the rows beam search selected (in place)."""
         select = lambda t: t.index_select(0, beam_idx.to(t.device))  # noqa: E731
         self.layers = [map_state(select, s) for s in self.layers]
+        self.final = map_state(select, self.final)
         self.positions = select(self.positions)
 
     def nbytes(self) -> int:
         """Bytes held by the cache: flat in the generated length."""
-        return sum(t.numel() * t.element_size() for s in self.layers for t in _tensors(s))
+        return sum(t.numel() * t.element_size() for s in [*self.layers, self.final] for t in _tensors(s))
 
     def __repr__(self) -> str:
         return f"SpikeLMCache(layers={len(self.layers)}, length={self.length}, bytes={self.nbytes()})"

@@ -216,7 +216,7 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         all_hidden = [] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             if all_hidden is not None:
-                all_hidden.append(hidden)
+                all_hidden.append(hidden.reshape(B, T, -1))
             state = cache.layers[i] if cache is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 hidden, new_state = self._gradient_checkpointing_func(layer.__call__, hidden, ctx, state, use_cache)
@@ -224,9 +224,7 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
                 hidden, new_state = layer(hidden, ctx, state, use_cache)
             if use_cache:
                 cache.layers[i] = new_state
-        # the last state of final_spikes is kept in the cache too, as one more "layer" entry
-        final_state = getattr(cache, "final", None) if use_cache else None
-        spikes, final_state = self.final_spikes(hidden, ctx, final_state, use_cache)
+        spikes, final_state = self.final_spikes(hidden, ctx, cache.final if use_cache else None, use_cache)
         if use_cache:
             cache.final = final_state
             n_new = ctx.valid.long().sum(1) if ctx.valid is not None else torch.full((B,), T, device=hidden.device)
@@ -244,6 +242,8 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
 
 class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # the loss is a mean over this batch's tokens: HF Trainer must still divide by accumulation steps
+    accepts_loss_kwargs = False
 
     def __init__(self, config: SpikeLMConfig):
         super().__init__(config)
@@ -305,11 +305,17 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
             cache = SpikeLMCache(len(self.model.layers))
         inputs = {}
         if use_cache and cache.length > 0:
-            inputs["input_ids"] = input_ids[:, cache.length:]
-        elif inputs_embeds is not None and (cache is None or cache.length == 0) and input_ids.shape[1] == 0:
+            # generate() keeps the prompt embeds out of input_ids, so slice by the ids already consumed
+            inputs["input_ids"] = input_ids[:, cache.input_ids_consumed:]
+            cache.input_ids_consumed = input_ids.shape[1]
+        elif inputs_embeds is not None and (cache is None or cache.length == 0):
             inputs["inputs_embeds"] = inputs_embeds
+            if cache is not None:
+                cache.input_ids_consumed = input_ids.shape[1]
         else:
             inputs["input_ids"] = input_ids
+            if cache is not None:
+                cache.input_ids_consumed = input_ids.shape[1]
         inputs["attention_mask"] = attention_mask
         inputs["use_cache"] = use_cache
         if use_cache:
