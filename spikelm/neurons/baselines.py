@@ -69,8 +69,8 @@ class LIF(nn.Module):
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, return_state: bool = False):
         check_sequence_input("LIF", x, self.channels)
         spikes = []
-        for t in range(x.shape[1]):
-            s, state = self.step(x[:, t], state)
+        for x_t in x.unbind(1):  # unbind: one backward op, not T full-size gradients of x[:, t]
+            s, state = self.step(x_t, state)
             spikes.append(s)
         out = torch.stack(spikes, dim=1) if spikes else x.new_zeros(x.shape)
         if return_state:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from . import triton_scan as _ts
 from .scan import check_cu_seqlens, scan
+from .spike import quantize_spikes
 from .torch_scan import chunked_scan_forward
 
 LOG_DECAY_FLOOR = _ts.DSN_LOG_DECAY_FLOOR
@@ -42,8 +43,6 @@ def _use_triton(t: torch.Tensor) -> bool:
 # torch paths (the unfused composition, exactly as neurons/dsn.py computes it)
 # ----------------------------------------------------------------------------------------------
 def _rect_spikes(h: torch.Tensor, max_spike: int) -> torch.Tensor:
-    from ..neurons.spike import quantize_spikes  # noqa: PLC0415  (ops must import without neurons)
-
     return quantize_spikes(h, max_spike, "rect")
 
 
