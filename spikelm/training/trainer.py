@@ -215,11 +215,15 @@ def evaluate(model, blocks, args: TrainArgs, accelerator) -> dict:
 
 
 def _param_groups(model, weight_decay: float):
+    """Weight decay on the weight matrices of linear and embedding layers only: never on norms, and
+    never on a neuron's decay conv, which decay would pull towards one fixed decay for every input
+    (the paper's worst ablation)."""
+    matrices = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        (decay if id(p) in matrices else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
