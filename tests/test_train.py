@@ -321,3 +321,21 @@ def test_bf16_autocast_keeps_float32_weights(data, tmp_path):
     s = train(parse_args(tiny_argv(data, out, max_steps=2, save_steps=0, eval_steps=0, mixed_precision="bf16")))
     assert s["skipped_steps"] == 0 and s["final_eval"]["loss"] > 0
     assert all(v.dtype == torch.float32 for v in _load_weights(out).values())
+
+
+@pytest.mark.parametrize("new_version_complete", [True, False])
+def test_kill_while_resaving_a_step_keeps_a_checkpoint(tmp_path, new_version_complete):
+    """A kill between moving checkpoint-N aside and renaming its new version in loses neither."""
+    from spikelm.training.checkpoint import STATE_FILE, clean_partial
+
+    old = tmp_path / ".trash-checkpoint-200-123"
+    old.mkdir()
+    (old / STATE_FILE).write_text('{"version": "old"}')
+    new = tmp_path / ".tmp-checkpoint-200"
+    new.mkdir()
+    if new_version_complete:
+        (new / STATE_FILE).write_text('{"version": "new"}')
+    clean_partial(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-200"]
+    want = "new" if new_version_complete else "old"
+    assert (tmp_path / "checkpoint-200" / STATE_FILE).read_text() == f'{{"version": "{want}"}}'

@@ -66,14 +66,30 @@ def latest_checkpoint(output_dir) -> Path | None:
 
 
 def clean_partial(output_dir) -> list[str]:
-    """Remove leftovers of a killed save (temp and trash folders)."""
+    """Finish or undo a killed save, then remove its leftovers (temp and trash folders).
+
+    A kill while re-saving an existing step can leave checkpoint-N missing, its new version complete
+    in .tmp-checkpoint-N and its old one in .trash-checkpoint-N-*: the complete one is put back
+    first (the new one if it was finished, else the old one), so no checkpoint is ever lost.
+    """
     removed = []
     d = Path(output_dir)
-    if d.is_dir():
-        for p in d.iterdir():
-            if p.is_dir() and (p.name.startswith(".tmp-checkpoint-") or p.name.startswith(".trash-")):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p.name)
+    if not d.is_dir():
+        return removed
+    for p in sorted(d.iterdir()):
+        if p.is_dir() and p.name.startswith(".tmp-checkpoint-"):
+            final = d / p.name[len(".tmp-"):]
+            if not final.exists() and (p / STATE_FILE).exists():
+                os.replace(p, final)  # the new version was complete: finish the swap
+    for p in sorted(d.iterdir()):
+        if p.is_dir() and p.name.startswith(".trash-checkpoint-"):
+            final = d / p.name[len(".trash-"):].rsplit("-", 1)[0]
+            if not final.exists() and (p / STATE_FILE).exists():
+                os.replace(p, final)  # nothing newer made it: restore the old version
+    for p in d.iterdir():
+        if p.is_dir() and (p.name.startswith(".tmp-checkpoint-") or p.name.startswith(".trash-")):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
     return removed
 
 
