@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scan import machine_info  # noqa: E402
+from bench_scan import best_time, machine_info, sync  # noqa: E402
 from spikelm.neurons import DSN, LIF, PSN, SlidingPSN  # noqa: E402
 
 NEURONS = ("DSN", "PSN", "SlidingPSN", "LIF")
@@ -40,29 +40,6 @@ def build(name, C, T):
     if name == "SlidingPSN":
         return SlidingPSN(C, k=4)
     return LIF(C, reset="hard")
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def best_time(fn, device, warmup, repeat, slow_s=5.0):
-    """Best of `repeat` timed runs after `warmup`; a single timed run when a warm-up took over slow_s."""
-    for _ in range(warmup):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        if time.perf_counter() - t0 > slow_s:
-            repeat = 1
-    walls, cpus = [], []
-    for _ in range(repeat):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        sync(device)
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return min(walls), min(cpus)  # wall seconds, and this process's CPU seconds (all its threads)
 
 
 def _vm_hwm_bytes():
@@ -168,8 +145,8 @@ def main(argv=None):
                 neuron.zero_grad(set_to_none=True)
                 neuron(x).backward(grad)
 
-            t_fwd, c_fwd = best_time(fwd, device, args.warmup, args.repeat)
-            t_fb, c_fb = best_time(fwd_bwd, device, args.warmup, args.repeat)
+            t_fwd, c_fwd = best_time(fwd, device, args.warmup, args.repeat, slow_s=5.0)
+            t_fb, c_fb = best_time(fwd_bwd, device, args.warmup, args.repeat, slow_s=5.0)
             mem = peak_extra_memory(fwd_bwd, device)
             row = dict(neuron=name, B=B, C=C, T=T, fwd_s=t_fwd, fwd_bwd_s=t_fb, fwd_cpu_s=c_fwd, fwd_bwd_cpu_s=c_fb,
                        peak_mem_MiB=None if mem is None else mem / 2**20)

@@ -56,10 +56,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def best_time(fn, device, warmup, repeat):
+def best_time(fn, device, warmup, repeat, slow_s=float("inf")):
+    """Best of `repeat` timed runs after `warmup`; a single timed run when a warm-up took over slow_s."""
     for _ in range(warmup):
+        t0 = time.perf_counter()
         fn()
-    sync(device)
+        sync(device)
+        if time.perf_counter() - t0 > slow_s:
+            repeat = 1
     walls, cpus = [], []
     for _ in range(repeat):
         t0, c0 = time.perf_counter(), time.process_time()
