@@ -14,7 +14,8 @@ class SpikingMLP(nn.Module):
         super().__init__()
         self.in_spikes = NeuronLayer(hidden_size, neuron_kwargs, eps)
         self.fc1 = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.hidden_spikes = NeuronLayer(intermediate_size, neuron_kwargs, eps)
+        self.fc1.feeds_neuron = True
+        self.hidden_spikes = NeuronLayer(intermediate_size, neuron_kwargs, eps, normalize=False)
         self.fc2 = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: SequenceContext, state: dict | None, return_state: bool):

@@ -9,17 +9,28 @@ from .context import SequenceContext
 from .norm import RMSNorm
 
 
-class NeuronLayer(nn.Module):
-    """RMSNorm then a spiking neuron over C channels: real values in, spikes 0..N out.
+# The residual stream reaches a neuron at RMS 2 (the norm's initial gain): membranes then span the
+# spike levels 1..N instead of rarely crossing the first threshold at 1/2.
+NEURON_INPUT_SCALE = 2.0
 
-    The norm sets the scale the neuron's threshold sees, whatever the layer before it learned.
+
+class NeuronLayer(nn.Module):
+    """(RMSNorm then) a spiking neuron over C channels: real values in, spikes 0..N out.
+
+    normalize=True is for inputs read from the real-valued residual stream: the norm sets the scale
+    the neuron's threshold sees. Inputs computed from spikes (a linear layer fed by spikes, an
+    attention average of spike trains) go to the neuron unnormalised: their scale is set by the
+    weights, and a per-token norm would divide a near-silent token (all spikes 0, as at the first
+    tokens of a document, before membranes charge) by ~sqrt(eps), multiplying its gradient by
+    1/sqrt(eps) at every such layer (measured: gradient norms of 1e3..1e6 that clipping turned into
+    lost updates).
     Handles the token layout for every neuron type: left padding (inputs zeroed), packed
     documents (native for the DSN, one document at a time for the baselines) and carried state.
     """
 
-    def __init__(self, channels: int, neuron_kwargs: dict, eps: float = 1e-5):
+    def __init__(self, channels: int, neuron_kwargs: dict, eps: float = 1e-5, normalize: bool = True):
         super().__init__()
-        self.norm = RMSNorm(channels, eps)
+        self.norm = RMSNorm(channels, eps, init_scale=NEURON_INPUT_SCALE) if normalize else None
         self.neuron = build_neuron(channels=channels, **neuron_kwargs)
 
     @property
@@ -31,7 +42,7 @@ class NeuronLayer(nn.Module):
         return not isinstance(self.neuron, PSN)
 
     def forward(self, x: torch.Tensor, ctx: SequenceContext, state=None, return_state: bool = False):
-        u = ctx.mask_input(self.norm(x))
+        u = ctx.mask_input(self.norm(x) if self.norm is not None else x)
         if ctx.cu_seqlens is not None:
             return self._packed(u, ctx.cu_seqlens), None
         if isinstance(self.neuron, PSN):

@@ -4,11 +4,12 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned gain, computed in float32."""
+    """Root-mean-square norm with a learned gain (starting at init_scale), computed in float32."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-5):
+    def __init__(self, hidden_size: int, eps: float = 1e-5, init_scale: float = 1.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.init_scale = float(init_scale)
+        self.weight = nn.Parameter(torch.full((hidden_size,), self.init_scale))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Spiking Transformer block: Q, K and V are spike trains; causal attention over a sliding window.
 
-    x ──┬─ norm → neuron → q/k/v_proj → norm → neuron (Q, K, V spikes) → RoPE(Q, K) → window attention
-        │                                        → norm → neuron → o_proj ─┐
+    x ──┬─ norm → neuron → q/k/v_proj → neuron (Q, K, V spikes) → RoPE(Q, K) → window attention
+        │                                        → neuron → o_proj ─┐
         └──────────────────────────────────────────────────────────── + ──┴→ x' → spiking MLP (as in the SSM block)
 
 With a window W, each token sees itself and the W - 1 tokens before it, so the KV cache never
@@ -70,10 +70,13 @@ class SpikingAttentionBlock(nn.Module):
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.q_spikes = NeuronLayer(hidden_size, neuron_kwargs, eps)
-        self.k_spikes = NeuronLayer(hidden_size, neuron_kwargs, eps)
-        self.v_spikes = NeuronLayer(hidden_size, neuron_kwargs, eps)
-        self.o_spikes = NeuronLayer(hidden_size, neuron_kwargs, eps)
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            proj.feeds_neuron = True
+        # inputs computed from spikes drive their neurons unnormalised (see NeuronLayer)
+        self.q_spikes = NeuronLayer(hidden_size, neuron_kwargs, eps, normalize=False)
+        self.k_spikes = NeuronLayer(hidden_size, neuron_kwargs, eps, normalize=False)
+        self.v_spikes = NeuronLayer(hidden_size, neuron_kwargs, eps, normalize=False)
+        self.o_spikes = NeuronLayer(hidden_size, neuron_kwargs, eps, normalize=False)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.mlp = SpikingMLP(hidden_size, intermediate_size, neuron_kwargs, eps)
 

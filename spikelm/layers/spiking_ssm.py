@@ -1,10 +1,13 @@
 """Spiking SSM block: the DSN is the selective state-space core.
 
-    x ──┬─ norm → neuron → in_proj ─┬─ z    → norm → DSN (core: input-dependent decay, membrane = state) ─┐
-        │                           └─ gate → norm → binary neuron ─────────────────────────── × ─ out_proj ─┐
-        └────────────────────────────────────────────────────────────────────────────────────────────── + ─┴→ x'
-    x' ─┬─ norm → neuron → fc1 → norm → neuron → fc2 ─┐
-        └───────────────────────────────────────── + ─┴→ out
+    x ──┬─ norm → neuron → in_proj ─┬─ z    → DSN (core: input-dependent decay, membrane = state) ─┐
+        │                           └─ gate → binary neuron ──────────────────────────────── × ─ out_proj ─┐
+        └─────────────────────────────────────────────────────────────────────────────────────────── + ─┴→ x'
+    x' ─┬─ norm → neuron → fc1 → neuron → fc2 ─┐
+        └──────────────────────────────── + ─┴→ out
+
+Only the residual stream is normalised; a linear layer fed by spikes drives the next neuron
+directly (see NeuronLayer).
 """
 from __future__ import annotations
 
@@ -22,9 +25,10 @@ class SpikingSSMBlock(nn.Module):
         inner = ssm_expand * hidden_size
         self.in_spikes = NeuronLayer(hidden_size, neuron_kwargs, eps)
         self.in_proj = nn.Linear(hidden_size, 2 * inner, bias=False)
-        self.core = NeuronLayer(inner, neuron_kwargs, eps)
+        self.in_proj.feeds_neuron = True
+        self.core = NeuronLayer(inner, neuron_kwargs, eps, normalize=False)
         gate_kwargs = dict(neuron_kwargs, spike_mode="binary", surrogate="atan")
-        self.gate = NeuronLayer(inner, gate_kwargs, eps)
+        self.gate = NeuronLayer(inner, gate_kwargs, eps, normalize=False)
         self.out_proj = nn.Linear(inner, hidden_size, bias=False)
         self.mlp = SpikingMLP(hidden_size, intermediate_size, neuron_kwargs, eps)
 

@@ -26,6 +26,8 @@ class SpikeLMConfig(PreTrainedConfig):
             default: SSM with attention as every fourth layer.
         neuron_type: "dsn" (default) or a baseline, "lif", "psn", "sliding_psn", used in every layer.
         tau, kernel_size, max_spike, spike_mode, surrogate: the DSN's settings (see spikelm.neurons.DSN).
+        decay_init_range: (short, long) initial decays of every DSN layer's channels, spread
+            log-uniformly in 1 - alpha; the decays stay input-dependent and learn from there.
         psn_T: the time window of PSN neurons (inputs longer than this are an error for PSN).
         sliding_psn_k: taps of sliding-PSN neurons. lif_beta, lif_reset: LIF decay and reset.
         ssm_expand: inner width of the SSM core = ssm_expand * hidden_size.
@@ -44,6 +46,7 @@ class SpikeLMConfig(PreTrainedConfig):
     def __init__(self, vocab_size: int = 32000, hidden_size: int = 512, num_hidden_layers: int = 8,
                  block_types: list[str] | None = None, neuron_type: str = "dsn", tau: float = 0.25,
                  kernel_size: int = 4, max_spike: int = 4, spike_mode: str = "integer", surrogate: str = "rect",
+                 decay_init_range: tuple[float, float] | list[float] = (0.05, 0.5),
                  psn_T: int = 2048, sliding_psn_k: int = 4, lif_beta: float = 0.5, lif_reset: str = "hard",
                  ssm_expand: int = 2, mlp_ratio: int = 4, intermediate_size: int | None = None,
                  num_attention_heads: int = 8, attention_window: int | None = 2048, rope_theta: float = 10000.0,
@@ -60,6 +63,7 @@ class SpikeLMConfig(PreTrainedConfig):
         self.max_spike = max_spike
         self.spike_mode = spike_mode
         self.surrogate = surrogate
+        self.decay_init_range = list(decay_init_range) if isinstance(decay_init_range, (list, tuple)) else decay_init_range
         self.psn_T = psn_T
         self.sliding_psn_k = sliding_psn_k
         self.lif_beta = lif_beta
@@ -101,6 +105,10 @@ class SpikeLMConfig(PreTrainedConfig):
         choice("spike_mode", SPIKE_MODES)
         choice("surrogate", SURROGATES)
         choice("lif_reset", ("hard", "soft"))
+        r = self.decay_init_range
+        if (not isinstance(r, list) or len(r) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in r)
+                or not 0 < r[0] <= r[1] < 1):
+            raise ValueError(f"SpikeLMConfig.decay_init_range must be [short, long] with 0 < short <= long < 1, got {r!r}")
         if not 0 <= self.lif_beta < 1:
             raise ValueError(f"SpikeLMConfig.lif_beta must lie in [0, 1), got {self.lif_beta!r}")
         if len(self.block_types) != self.num_hidden_layers:
@@ -124,5 +132,6 @@ class SpikeLMConfig(PreTrainedConfig):
         """The settings every NeuronLayer of the model is built with."""
         return dict(neuron_type=self.neuron_type, kernel_size=self.kernel_size, tau=self.tau,
                     max_spike=self.max_spike, spike_mode=self.spike_mode, surrogate=self.surrogate,
+                    decay_init_range=tuple(self.decay_init_range),
                     psn_T=self.psn_T, sliding_psn_k=self.sliding_psn_k, lif_beta=self.lif_beta,
                     lif_reset=self.lif_reset)

@@ -58,15 +58,20 @@ class SpikeLMPreTrainedModel(PreTrainedModel):
         """Through transformers' init helpers, so weights loaded from a checkpoint are never re-initialised."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            # projections that write into the residual stream are scaled down with depth (GPT-2)
-            scale = math.sqrt(2 * self.config.num_hidden_layers) if getattr(module, "is_residual_out", False) else 1.0
-            init.normal_(module.weight, mean=0.0, std=std / scale)
+            if getattr(module, "feeds_neuron", False):
+                # drives a neuron with no norm in between: unit-variance weights per input make the
+                # neuron's input about as large as the spikes it reads (firing, not silent, at init)
+                std = module.in_features ** -0.5
+            elif getattr(module, "is_residual_out", False):
+                # projections that write into the residual stream are scaled down with depth (GPT-2)
+                std = std / math.sqrt(2 * self.config.num_hidden_layers)
+            init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
-            init.ones_(module.weight)
+            init.constant_(module.weight, module.init_scale)
         elif isinstance(module, DSN):
             bound = module.conv_weight_bound()
             init.uniform_(module.conv_weight, -bound, bound)

@@ -10,7 +10,8 @@ NEURON_TYPES = ("dsn", "lif", "psn", "sliding_psn")
 
 
 def build_neuron(neuron_type: str, channels: int, *, kernel_size: int = 4, tau: float = 0.25, max_spike: int = 4,
-                 spike_mode: str = "integer", surrogate: str = "rect", psn_T: int = 2048, sliding_psn_k: int = 4,
+                 spike_mode: str = "integer", surrogate: str = "rect", decay_init_range: tuple[float, float] = (0.5, 0.999),
+                 psn_T: int = 2048, sliding_psn_k: int = 4,
                  lif_beta: float = 0.5, lif_reset: str = "hard", backend: str = "auto"):
     """One neuron layer by name, so a model swaps neurons by config.
 
@@ -19,7 +20,7 @@ def build_neuron(neuron_type: str, channels: int, *, kernel_size: int = 4, tau: 
     """
     if neuron_type == "dsn":
         return DSN(channels, kernel_size=kernel_size, tau=tau, max_spike=max_spike, spike_mode=spike_mode,
-                   surrogate=surrogate, backend=backend)
+                   surrogate=surrogate, decay_init_range=decay_init_range, backend=backend)
     if neuron_type == "lif":
         return LIF(channels, beta=lif_beta, reset=lif_reset, surrogate="atan")
     if neuron_type == "psn":

@@ -25,11 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from . import triton_scan as _ts
+from .decay import LOG_DECAY_FLOOR, log_decay as _log_decay
 from .scan import check_cu_seqlens, scan
 from .spike import quantize_spikes
 from .torch_scan import chunked_scan_forward
-
-LOG_DECAY_FLOOR = _ts.DSN_LOG_DECAY_FLOOR
 
 tl = _ts.tl
 triton = _ts.triton
@@ -44,11 +43,6 @@ def _use_triton(t: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------
 def _rect_spikes(h: torch.Tensor, max_spike: int) -> torch.Tensor:
     return quantize_spikes(h, max_spike, "rect")
-
-
-def _log_decay(logit: torch.Tensor, tau: float) -> torch.Tensor:
-    # as DSN._log_decay: log sigmoid(a') = -softplus(-a') (F.logsigmoid has a slow CPU path), floored
-    return F.softplus(-logit).mul(-1.0 / tau).clamp(min=LOG_DECAY_FLOOR)
 
 
 def dsn_reference(logit, x, initial_state=None, cu_seqlens=None, tau: float = 0.25, max_spike: int = 4,
@@ -233,6 +227,7 @@ def dsn_fused(logit: torch.Tensor, x: torch.Tensor, initial_state: torch.Tensor 
 
 # ---- decode step ------------------------------------------------------------------------------
 if triton is not None:
+    FLOOR = _ts.FLOOR
     from .triton_scan import _expm1, _log1p
 
     @triton.jit
@@ -251,7 +246,7 @@ if triton is not None:
             logit = logit + tap * tl.load(W + offs * K + j, mask=m, other=0.0).to(tl.float32)
         logit = logit + x * tl.load(W + offs * K + (K - 1), mask=m, other=0.0).to(tl.float32)
         ls = tl.minimum(logit, 0.0) - _log1p(tl.exp(-tl.abs(logit)))
-        log_decay = tl.maximum(ls / tau, -20.0)
+        log_decay = tl.maximum(ls / tau, FLOOR)
         h = tl.load(MEM + b64 * C + offs, mask=m, other=0.0)
         h = -_expm1(log_decay) * x + tl.exp(log_decay) * h
         tl.store(MEM + b64 * C + offs, h, mask=m)

@@ -41,6 +41,8 @@ import os
 
 import torch
 
+from .decay import LOG_DECAY_FLOOR
+
 try:  # the package runs without Triton: is_available() is then False and nothing below is used
     import triton
     import triton.language as tl
@@ -51,7 +53,6 @@ except Exception:  # noqa: BLE001  (ImportError, or a broken install on a machin
 # modes of the shared kernels (constexpr): what a step reads and what the output pass writes
 MODE_SCAN = 0  # u_t = x_t, log-decay g_t
 MODE_DSN = 1  # u_t = (1 - alpha_t) X_t, log-decay max(logsigmoid(a'_t) / tau, floor) from the conv logit a'
-DSN_LOG_DECAY_FLOOR = -20.0  # = neurons.dsn.LOG_DECAY_FLOOR (kept literal: ops must not import neurons)
 MAX_GRID_YZ = 65535  # CUDA grid limit on axes 1 and 2 (channel blocks, sequences)
 
 
@@ -70,6 +71,7 @@ def interpreted() -> bool:
 
 
 if triton is not None:
+    FLOOR = tl.constexpr(LOG_DECAY_FLOOR)  # a kernel may read a global only as a constexpr
 
     @triton.jit
     def _log1p(z):
@@ -93,7 +95,7 @@ if triton is not None:
         if MODE == 1:
             # logsigmoid(a) = min(a, 0) - log1p(exp(-|a|)), finite for every a
             ls = tl.minimum(v, 0.0) - _log1p(tl.exp(-tl.abs(v)))
-            return tl.maximum(ls / tau, -20.0)
+            return tl.maximum(ls / tau, FLOOR)
         else:
             return v
 
@@ -257,7 +259,7 @@ if triton is not None:
                     soft = _log1p(tl.exp(-tl.abs(v)))
                     sig_neg = tl.exp(tl.minimum(-v, 0.0) - soft)  # sigmoid(-a') = exp(logsigmoid(-a'))
                     dg = states * decay_t * (h_prev - x_t)
-                    da = tl.where((tl.minimum(v, 0.0) - soft) / tau >= -20.0, dg / tau * sig_neg, 0.0)
+                    da = tl.where((tl.minimum(v, 0.0) - soft) / tau >= FLOOR, dg / tau * sig_neg, 0.0)
                     tl.store(OUT + p, da, mask=m)
                     tl.store(OUT2 + p, -_expm1(g_t) * states, mask=m)
                 else:

@@ -297,7 +297,8 @@ def train(args: TrainArgs) -> dict:
     accelerator.wait_for_everyone()
 
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers after 5.17 renamed it (the old name warns, and goes in v6)
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     optimizer = torch.optim.AdamW(_param_groups(model, args.weight_decay), lr=args.learning_rate,
                                   betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps,
