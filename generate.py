@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk_size", type=int, default=1024, help="prompt tokens per parallel chunk")
     p.add_argument("--ignore_eos", action="store_true", help="keep generating past the end-of-text token")
     p.add_argument("--interactive", action="store_true", help="read turns from stdin, keeping the state")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the one-token steps: faster long streams, after a compile of seconds to minutes")
     return p.parse_args(argv)
 
 
@@ -95,6 +97,8 @@ def main(argv=None) -> int:
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    if args.compile:
+        model.compile_decoding()
     from spikelm import StreamingGenerator
 
     gen = StreamingGenerator(model, tokenizer, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -44,7 +44,10 @@ def build_models(vocab: int, hidden: int, layers: int, window: int):
     mamba_layers = _match(n, lambda L: _count(MambaForCausalLM, MambaConfig(vocab_size=vocab, hidden_size=hidden,
                                                                             num_hidden_layers=L)), lo=1, hi=8 * layers)
     mamba = MambaForCausalLM(MambaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=mamba_layers))
-    return {"spikelm": spikelm.eval(), "mamba": mamba.eval(), "llama": llama.eval()}
+    compiled = SpikeLMForCausalLM(spikelm.config)
+    compiled.load_state_dict(spikelm.state_dict())
+    compiled.compile_decoding()  # the same weights, decoding steps through torch.compile (Inductor)
+    return {"spikelm": spikelm.eval(), "spikelm_compiled": compiled.eval(), "mamba": mamba.eval(), "llama": llama.eval()}
 
 
 def _count(cls, config) -> int:
@@ -110,7 +113,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--window", type=int, default=512, help="SpikeLM attention window")
-    parser.add_argument("--models", default="spikelm,mamba,llama")
+    parser.add_argument("--models", default="spikelm,spikelm_compiled,mamba,llama")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="per-token time from process CPU time (robust on a shared machine) or wall time")
@@ -127,13 +130,16 @@ def main() -> None:
         model = models[name]
         params = sum(p.numel() for p in model.parameters())
         gc.collect()
+        t0 = time.perf_counter()
+        decode(model, prompt, 4, [])  # warm-up (for the compiled model: its compilation), not timed below
+        warmup_s = time.perf_counter() - t0
         latencies, cpu_times, marks = decode(model, prompt, args.max_tokens, checkpoints)
         # on a shared machine wall time measures the neighbours too: with one thread, process CPU
         # time per token is the model's own cost
         series = cpu_times if args.clock == "cpu" else latencies
         first = sum(series[:1024]) / min(1024, len(series))
         last = sum(series[-1024:]) / min(1024, len(series))
-        results[name] = {"params": params, "checkpoints": marks, "first_1k_ms": first * 1e3, "last_1k_ms": last * 1e3,
+        results[name] = {"params": params, "warmup_s": warmup_s, "checkpoints": marks, "first_1k_ms": first * 1e3, "last_1k_ms": last * 1e3,
                          "latency_ms_per_1k": [sum(series[i:i + 1024]) / len(series[i:i + 1024]) * 1e3
                                                for i in range(0, len(series), 1024)]}
         print(f"{name}: {params / 1e6:.1f}M params, first 1k {first * 1e3:.2f} ms/token, last 1k {last * 1e3:.2f} ms/token")
@@ -141,7 +147,7 @@ def main() -> None:
         models[name] = None
 
     c0, cN = checkpoints[0], checkpoints[-1]
-    print(f"\n{'model':<9}{'params':>9}{'tok/s@1k':>10}{'tok/s@8k':>10}{'tok/s@end':>10}{'RSS growth':>12}"
+    print(f"\n{'model':<17}{'params':>9}{'tok/s@1k':>10}{'tok/s@8k':>10}{'tok/s@end':>10}{'RSS growth':>12}"
           f"{'cache@1k MB':>12}{'cache@end MB':>13}{'last/first 1k':>15}")
     for name, r in results.items():
         m = r["checkpoints"]
@@ -150,7 +156,7 @@ def main() -> None:
         r["latency_ratio_last_first"] = r["last_1k_ms"] / r["first_1k_ms"]
         rate = "tokens_per_cpu_s" if args.clock == "cpu" else "tokens_per_s"
         at8k = m.get(8192, m[cN])[rate]
-        print(f"{name:<9}{r['params'] / 1e6:>8.1f}M{m[c0][rate]:>10.1f}{at8k:>10.1f}{m[cN][rate]:>10.1f}"
+        print(f"{name:<17}{r['params'] / 1e6:>8.1f}M{m[c0][rate]:>10.1f}{at8k:>10.1f}{m[cN][rate]:>10.1f}"
               f"{growth:>11.2f}%{m[c0]['cache_mb']:>12.2f}{m[cN]['cache_mb']:>13.2f}{r['latency_ratio_last_first']:>15.2f}")
 
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),

@@ -105,9 +105,11 @@ def long_documents(tok, docs: list[dict], length: int, max_docs: int) -> torch.T
 def spikelm_config(args, neuron: str, vocab: int):
     from spikelm.models import SpikeLMConfig
 
+    # LIF with soft reset: with hard reset this model's gradient norm spikes to 1e5-1e6 within 50 steps
+    # (clipping then discards those updates), which would make LIF a needlessly weak baseline
     return SpikeLMConfig(vocab_size=vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                          neuron_type=neuron, num_attention_heads=args.heads, attention_window=args.block,
-                         ssm_expand=2, mlp_ratio=args.mlp_ratio, tie_word_embeddings=True)
+                         ssm_expand=2, mlp_ratio=args.mlp_ratio, tie_word_embeddings=True, lif_reset="soft")
 
 
 def llama_config(args, vocab: int):

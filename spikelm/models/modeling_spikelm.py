@@ -106,7 +106,22 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
             block.mlp.fc2.is_residual_out = True
         self.final_spikes = NeuronLayer(config.hidden_size, kw, eps)  # the LM head reads spikes too
         self.gradient_checkpointing = False
+        self._decode_step_fns = None  # compile_decoding(): torch.compile'd blocks for one-token steps
         self.post_init()
+
+    def compile_decoding(self, **compile_kwargs) -> None:
+        """Run one-token decoding steps through torch.compile'd SSM blocks and final neuron layer.
+
+        A decoding step is hundreds of tiny ops (each neuron's conv taps, decay, membrane and spike), so
+        eager PyTorch spends it in per-op overhead; Inductor fuses each block's elementwise work into a
+        few kernels. Blocks of one type share one compiled graph; the first two steps compile (seconds
+        on a CPU). Attention blocks stay eager: their KV cache changes shape while it fills the window.
+        Prefill and training are untouched. Decoding agrees with eager decoding to float32 rounding.
+        compile_kwargs go to torch.compile.
+        """
+        fns = [layer if isinstance(layer, SpikingAttentionBlock) else torch.compile(layer, **compile_kwargs)
+               for layer in self.layers]
+        self._decode_step_fns = (fns, torch.compile(self.final_spikes, **compile_kwargs))
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -219,7 +234,11 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
             hidden = inputs_embeds
 
         all_hidden = [] if output_hidden_states else None
-        for i, layer in enumerate(self.layers):
+        compiled = self._decode_step_fns if (self._decode_step_fns and T == 1 and cache is not None
+                                             and not torch.is_grad_enabled()) else None
+        layers = compiled[0] if compiled else self.layers
+        final_spikes = compiled[1] if compiled else self.final_spikes
+        for i, layer in enumerate(layers):
             if all_hidden is not None:
                 all_hidden.append(hidden.reshape(B, T, -1))
             state = cache.layers[i] if cache is not None else None
@@ -229,7 +248,7 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
                 hidden, new_state = layer(hidden, ctx, state, use_cache)
             if use_cache:
                 cache.layers[i] = new_state
-        spikes, final_state = self.final_spikes(hidden, ctx, cache.final if use_cache else None, use_cache)
+        spikes, final_state = final_spikes(hidden, ctx, cache.final if use_cache else None, use_cache)
         if use_cache:
             cache.final = final_state
             n_new = ctx.valid.long().sum(1) if ctx.valid is not None else torch.full((B,), T, device=hidden.device)
@@ -264,6 +283,10 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.lm_head
+
+    def compile_decoding(self, **compile_kwargs) -> None:
+        """torch.compile the one-token decoding steps (see SpikeLMModel.compile_decoding)."""
+        self.model.compile_decoding(**compile_kwargs)
 
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
