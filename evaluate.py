@@ -105,30 +105,31 @@ def unigram_perplexity(ids) -> float:
 
 
 def cmd_ppl(args, model, tokenizer) -> dict:
-    from spikelm.eval import perplexity, split_windows, token_nll
+    from spikelm.eval import perplexity, token_nll
     from spikelm.eval.loading import UserError, training_length
 
     ids = _tokens(tokenizer, args.text, args.max_tokens)
     context = args.context if args.context is not None else (training_length(args.model) or 512)
     if context < 0:
         raise UserError(f"--context must be >= 0, got {context}")
+    if context == 1:
+        raise UserError("--context must be >= 2 tokens (or 0 for the whole text as one stream)")
+    if ids.numel() < 2:
+        raise UserError(f"--text_file {args.text_file}: needs at least 2 tokens, has {ids.numel()}")
     if context == 0 or context >= ids.numel():
-        windows = ids[None]
+        windows = [ids]
     else:
-        try:
-            windows = split_windows(ids, context)
-        except ValueError as e:
-            raise UserError(f"--text_file: {e}") from None
-    if windows.shape[1] < 2:
-        raise UserError(f"--text_file {args.text_file}: needs at least 2 tokens, has {windows.shape[1]}")
+        # consecutive windows share one token, so every token after the first is scored exactly once
+        # (the text's tail included), each with 1..context-1 tokens of context
+        windows = [ids[s:s + context] for s in range(0, ids.numel() - 1, context - 1)]
     chunk = args.chunk_size if args.chunk_size is not None else (1 if args.mode == "streaming" else None)
     if chunk is None and context == 0:
         chunk = 2048 if model.model.supports_cache else None  # bound memory on a long file
     t = time.perf_counter()
     nll = __import__("torch").cat([token_nll(model, w, args.mode, chunk) for w in windows])
-    return {"perplexity": perplexity(nll), "unigram_ppl_of_text": unigram_perplexity(windows[:, 1:]),
+    return {"perplexity": perplexity(nll), "unigram_ppl_of_text": unigram_perplexity(ids[None, 1:]),
             "nll": float(nll.mean()), "scored_tokens": int(nll.numel()),
-            "windows": int(windows.shape[0]), "context": int(windows.shape[1]), "mode": args.mode,
+            "windows": len(windows), "context": int(max(w.numel() for w in windows)), "mode": args.mode,
             "chunk_size": chunk, "seconds": time.perf_counter() - t}
 
 

@@ -303,6 +303,9 @@ def test_evaluate_ppl_and_spikes_in_process(model_dir, text_file, tmp_path, caps
     res = json.loads(capsys.readouterr().out)
     assert res["context"] == 32 and res["perplexity"] > 1
     assert 1 < res["unigram_ppl_of_text"] < len(tokenizer_of(model_dir))
+    n_tokens = len(tokenizer_of(model_dir)(text_file.read_text(encoding="utf-8"))["input_ids"])
+    assert n_tokens > 2 * 32 and n_tokens % 31 != 1  # several windows and a partial tail
+    assert res["scored_tokens"] == n_tokens - 1  # every token after the first, the tail included, once
     png = tmp_path / "spikes.png"
     assert evaluate.main(["spikes", "--model", str(model_dir), "--text_file", str(text_file), "--tokens", "64",
                           "--out_png", str(png)]) == 0
