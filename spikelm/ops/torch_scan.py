@@ -21,7 +21,7 @@ Threads: every multi-threaded torch op ends in a barrier, and on a shared machin
 for a descheduled thread (milliseconds). So the per-step ops are kept under torch's parallel grain
 (chunks lengthened until a step's slice has <= 32768 numbers) and run on one thread each, and
 the exp of all decays is one op over the whole tensor rather than one per block: a call has a
-handful of multi-threaded ops (the per-block exp, `_WHOLE_EXP = False`, was 2x slower at load 10).
+handful of multi-threaded ops (a per-block exp was 2x slower at load 10).
 
 Measured candidates (benchmarks/results/scan_candidates.md has the numbers and the machine).
 """
@@ -53,15 +53,13 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
 
 
 _LOG2E = 1.4426950408889634
-_USE_EXP2 = True
-_WHOLE_EXP = True  # exp of all decays in one op (few multi-threaded barriers) vs per cache block
 
 
 def _exp(g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = exp(g). float32: as exp2(g * log2(e)): 1.3-1.8x faster than torch.exp on the benchmark CPU, and
     torch.exp falls 13-40x slower still where results underflow to subnormals (g < -87, e.g. chunk decays).
     The rounded product costs a relative error <= |g| * 6e-8 in the decay (decays below e^-20 are resets)."""
-    if _USE_EXP2 and g.dtype == torch.float32:
+    if g.dtype == torch.float32:
         return torch.exp2(torch.mul(g, _LOG2E, out=out), out=out)
     return torch.exp(g, out=out)
 
@@ -134,13 +132,10 @@ def chunked_scan_forward(x: torch.Tensor, g: torch.Tensor, initial_state: torch.
         return h, carry
     S, C = _sizes(T, B * D)
     buf = x.new_empty(3 * B * (S // C + 1) * D)
-    if _WHOLE_EXP:
-        _exp(g, out=h)  # all decays at once; pass 3 overwrites them with h
+    _exp(g, out=h)  # all decays in one op (few multi-threaded barriers); pass 3 overwrites them with h
     for s0 in range(0, T, S):
         blk = slice(s0, min(T, s0 + S))
         hb = h[:, blk]
-        if not _WHOLE_EXP:
-            _exp(g[:, blk], out=hb)
         carry = _block(x[:, blk], hb, g[:, blk], hb, carry, C, False, buf)
     return h, carry.clone()
 
@@ -183,8 +178,8 @@ def scan_backward(forward, grad_h, grad_last, g, h, initial_state, needs_initial
 
 
 def _blocked_backward(grad_h, grad_last, g, h, initial_state, needs_initial_grad: bool):
-    """scan_backward walking blocks from the end: per block, exp(g) goes into dg, the reverse scan
-    (decay exp(g_{t+1}) for step t) writes dx, then dg = dx * exp(g) * h_{t-1} in place."""
+    """scan_backward walking blocks from the end: exp(g) of every step goes into dg, the reverse scan
+    (decay exp(g_{t+1}) for step t) writes dx block by block, then dg = dx * exp(g) * h_{t-1} in place."""
     B, T, D = g.shape
     dx, dg = _empty(g), _empty(g)
     carry = g.new_zeros(B, D) if grad_last is None else grad_last.to(g.dtype)  # dx_T seed
@@ -196,33 +191,15 @@ def _blocked_backward(grad_h, grad_last, g, h, initial_state, needs_initial_grad
     h0 = g.new_zeros(B, D) if initial_state is None else initial_state.to(g.dtype)
     S, C = _sizes(T, B * D)
     buf = g.new_empty(3 * B * (S // C + 1) * D)
-    if _WHOLE_EXP:
-        _exp(g, out=dg)  # e_t = exp(g_t), turned into dg_t = dx_t * e_t * h_{t-1} at the end
-        carry = torch.add(dh[:, T - 1], carry, out=dx[:, T - 1])  # exp(g_T) := 1: the seed enters as is
-        for s1 in range(T - 1, 0, -S):  # dx_t = dh_t + e_{t+1} dx_{t+1}, t = T-2 .. 0
-            s0 = max(0, s1 - S)
-            carry = _block(dh[:, s0:s1], dg[:, s0 + 1 : s1 + 1], g[:, s0 + 1 : s1 + 1], dx[:, s0:s1], carry, C, True, buf)
-        dh0 = dx[:, 0] * dg[:, 0] if needs_initial_grad else None
-        dg.mul_(dx)
-        dg[:, 1:].mul_(h[:, :-1])
-        dg[:, 0].mul_(h0)
-        return dx, dg, dh0
-    e_next = g.new_ones(B, D)  # exp(g_T) := 1: the seed enters dx_{T-1} as is
-    for s1 in range(T, 0, -S):
+    _exp(g, out=dg)  # e_t = exp(g_t), turned into dg_t = dx_t * e_t * h_{t-1} at the end
+    carry = torch.add(dh[:, T - 1], carry, out=dx[:, T - 1])  # exp(g_T) := 1: the seed enters as is
+    for s1 in range(T - 1, 0, -S):  # dx_t = dh_t + e_{t+1} dx_{t+1}, t = T-2 .. 0
         s0 = max(0, s1 - S)
-        e, dxb = dg[:, s0:s1], dx[:, s0:s1]
-        _exp(g[:, s0:s1], out=e)
-        carry = torch.addcmul(dh[:, s1 - 1], e_next, carry, out=dx[:, s1 - 1])  # the block's last step
-        if s1 - 1 > s0:  # the other steps: decay exp(g_{t+1}) sits at t+1 in e
-            carry = _block(dh[:, s0 : s1 - 1], e[:, 1:], g[:, s0 + 1 : s1], dx[:, s0 : s1 - 1], carry, C, True, buf)
-        e_next.copy_(e[:, 0])
-        e.mul_(dxb)
-        if s0 > 0:
-            e.mul_(h[:, s0 - 1 : s1 - 1])
-        else:
-            e[:, 1:].mul_(h[:, : s1 - 1])
-            e[:, 0].mul_(h0)
-    dh0 = dx[:, 0] * e_next if needs_initial_grad else None
+        carry = _block(dh[:, s0:s1], dg[:, s0 + 1 : s1 + 1], g[:, s0 + 1 : s1 + 1], dx[:, s0:s1], carry, C, True, buf)
+    dh0 = dx[:, 0] * dg[:, 0] if needs_initial_grad else None
+    dg.mul_(dx)
+    dg[:, 1:].mul_(h[:, :-1])
+    dg[:, 0].mul_(h0)
     return dx, dg, dh0
 
 
