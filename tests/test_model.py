@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, TextIterat
 from spikelm import SpikeLMCache, SpikeLMConfig, SpikeLMForCausalLM, SpikeLMModel
 from spikelm.data import train_bpe_tokenizer
 from spikelm.models import CACHE_NAME
+from spikelm.neurons import DSN
 
 TINY = dict(vocab_size=97, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, attention_window=6,
             ssm_expand=2, mlp_ratio=2)
@@ -342,11 +343,23 @@ def test_local_tokenizer_pipeline_and_streamers(tokenizer, capsys):
         (dict(surrogate="relu"), "surrogate"), (dict(num_attention_heads=5), "divisible"),
         (dict(attention_window=0), "attention_window"), (dict(rope_theta=-1.0), "rope_theta"),
         (dict(kernel_size=0), "kernel_size"), (dict(lif_reset="none"), "lif_reset"),
+        (dict(decay_init_range=[0.5, 0.1]), "decay_init_range"), (dict(decay_init_range=[0.0, 0.5]), "decay_init_range"),
+        (dict(decay_init_range=[0.1, 1.0]), "decay_init_range"), (dict(decay_init_range=0.5), "decay_init_range"),
     ],
 )
 def test_invalid_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SpikeLMConfig(**{**TINY, **kwargs})
+
+
+def test_decay_init_range_sets_every_dsn_and_round_trips(tmp_path):
+    model = tiny_model(decay_init_range=[0.2, 0.7])
+    for m in model.modules():
+        if isinstance(m, DSN):
+            alpha = torch.sigmoid(m.conv_bias.detach().double()) ** (1 / m.tau)
+            assert alpha.min().item() == pytest.approx(0.2, abs=1e-6) and alpha.max().item() == pytest.approx(0.7, abs=1e-6)
+    model.save_pretrained(tmp_path)
+    assert SpikeLMConfig.from_pretrained(tmp_path).decay_init_range == [0.2, 0.7]
 
 
 def test_bad_inputs():
