@@ -39,7 +39,9 @@ def build(name, C, T):
         return PSN(C, T)
     if name == "SlidingPSN":
         return SlidingPSN(C, k=4)
-    return LIF(C, reset="hard")
+    if name == "LIF":
+        return LIF(C, reset="hard")
+    raise SystemExit(f"bench_neurons.py: unknown neuron {name!r}; choose from {', '.join(NEURONS)}")
 
 
 def _vm_hwm_bytes():
@@ -120,6 +122,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     names = [n for n in args.neurons.split(",") if n]
+    unknown = [n for n in names if n not in NEURONS]
+    if unknown:  # checked before any timing, so a typo never runs (and reports) the wrong neuron
+        p.error(f"--neurons: unknown {', '.join(unknown)}; choose from {', '.join(NEURONS)}")
     load_before = os.getloadavg()
     B, C = args.B, args.C
     rows = []
