@@ -29,19 +29,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scan import best_time, machine_info, sync  # noqa: E402
 from spikelm.neurons import DSN, LIF, PSN, SlidingPSN  # noqa: E402
 
-NEURONS = ("DSN", "PSN", "SlidingPSN", "LIF")
+BUILDERS = {  # name -> neuron over C channels for sequences of T steps
+    "DSN": lambda C, T: DSN(C),
+    "PSN": lambda C, T: PSN(C, T),
+    "SlidingPSN": lambda C, T: SlidingPSN(C, k=4),
+    "LIF": lambda C, T: LIF(C, reset="hard"),
+}
+NEURONS = tuple(BUILDERS)
 
 
 def build(name, C, T):
-    if name == "DSN":
-        return DSN(C)
-    if name == "PSN":
-        return PSN(C, T)
-    if name == "SlidingPSN":
-        return SlidingPSN(C, k=4)
-    if name == "LIF":
-        return LIF(C, reset="hard")
-    raise SystemExit(f"bench_neurons.py: unknown neuron {name!r}; choose from {', '.join(NEURONS)}")
+    return BUILDERS[name](C, T)
 
 
 def _vm_hwm_bytes():

@@ -284,12 +284,12 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
     def compile_decoding(self, **compile_kwargs) -> None:
         """torch.compile the one-token decoding steps (see SpikeLMModel.compile_decoding)."""
         self.model.compile_decoding(**compile_kwargs)
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cu_seqlens=None, inputs_embeds=None,
                 labels=None, use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep=0, **kwargs):
@@ -335,15 +335,12 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
         if use_cache and cache.length > 0:
             # generate() keeps the prompt embeds out of input_ids, so slice by the ids already consumed
             inputs["input_ids"] = input_ids[:, cache.input_ids_consumed:]
-            cache.input_ids_consumed = input_ids.shape[1]
         elif inputs_embeds is not None and (cache is None or cache.length == 0):
             inputs["inputs_embeds"] = inputs_embeds
-            if cache is not None:
-                cache.input_ids_consumed = input_ids.shape[1]
         else:
             inputs["input_ids"] = input_ids
-            if cache is not None:
-                cache.input_ids_consumed = input_ids.shape[1]
+        if cache is not None:
+            cache.input_ids_consumed = input_ids.shape[1]
         inputs["attention_mask"] = attention_mask
         inputs["use_cache"] = use_cache
         if use_cache:

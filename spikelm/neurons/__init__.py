@@ -1,16 +1,16 @@
 """Spiking neurons: the DSN and the baselines it is compared against."""
 from .baselines import LIF, PSN, SlidingPSN, SlidingPSNState
-from .dsn import DSN, DSNState, LOG_DECAY_FLOOR
+from .dsn import DECAY_INIT_RANGE, DSN, DSNState, LOG_DECAY_FLOOR
 from .spike import SPIKE_MODES, SURROGATES, quantize_spikes, unfold_spikes
 
-__all__ = ["DSN", "DSNState", "LIF", "LOG_DECAY_FLOOR", "PSN", "SPIKE_MODES", "SURROGATES", "SlidingPSN",
+__all__ = ["DECAY_INIT_RANGE", "DSN", "DSNState", "LIF", "LOG_DECAY_FLOOR", "PSN", "SPIKE_MODES", "SURROGATES", "SlidingPSN",
            "SlidingPSNState", "quantize_spikes", "unfold_spikes"]
 
 NEURON_TYPES = ("dsn", "lif", "psn", "sliding_psn")
 
 
 def build_neuron(neuron_type: str, channels: int, *, kernel_size: int = 4, tau: float = 0.25, max_spike: int = 4,
-                 spike_mode: str = "integer", surrogate: str = "rect", decay_init_range: tuple[float, float] = (0.5, 0.999),
+                 spike_mode: str = "integer", surrogate: str = "rect", decay_init_range: tuple[float, float] = DECAY_INIT_RANGE,
                  psn_T: int = 2048, sliding_psn_k: int = 4,
                  lif_beta: float = 0.5, lif_reset: str = "hard", backend: str = "auto"):
     """One neuron layer by name, so a model swaps neurons by config.

@@ -22,7 +22,10 @@ from ..ops import LOG_DECAY_FLOOR, check_cu_seqlens, log_decay, scan, triton_is_
 from .base import check_choice, check_positive_int, check_sequence_input, check_step_input
 from .spike import SPIKE_MODES, SURROGATES, quantize_spikes
 
-__all__ = ["DSN", "DSNState", "LOG_DECAY_FLOOR"]
+__all__ = ["DECAY_INIT_RANGE", "DSN", "DSNState", "LOG_DECAY_FLOOR"]
+
+# the spec's example spread of initial decays, short to long memory (a model config may choose its own)
+DECAY_INIT_RANGE = (0.5, 0.999)
 
 
 class DSNState(NamedTuple):
@@ -50,7 +53,7 @@ class DSN(nn.Module):
 
     def __init__(self, channels: int, kernel_size: int = 4, tau: float = 0.25, max_spike: int = 4,
                  spike_mode: str = "integer", surrogate: str = "rect", surrogate_alpha: float = 2.0,
-                 decay_init_range: tuple[float, float] = (0.5, 0.999), backend: str = "auto"):
+                 decay_init_range: tuple[float, float] = DECAY_INIT_RANGE, backend: str = "auto"):
         super().__init__()
         self.channels = check_positive_int("channels", channels)
         self.kernel_size = check_positive_int("kernel_size", kernel_size)

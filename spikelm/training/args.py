@@ -125,20 +125,19 @@ def all_keys() -> list[str]:
     return list(_FIELDS) + model_keys()
 
 
-def _base_type(key: str):
+def _field_type(key: str) -> tuple[Any, bool]:
+    """(base type, optional) of a TrainArgs field: `str | None` -> (str, True)."""
     tp = typing.get_type_hints(TrainArgs)[key]
     args = typing.get_args(tp)
-    return next((a for a in args if a is not type(None)), tp) if args else tp
+    base = next((a for a in args if a is not type(None)), tp) if args else tp
+    return base, type(None) in args
 
 
 def _coerce(key: str, value, where: str):
     """Check/convert a value to the type of key (model keys are checked by SpikeLMConfig itself)."""
     if key not in _FIELDS:
         return value
-    tp = typing.get_type_hints(TrainArgs)[key]
-    args = typing.get_args(tp)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), tp) if args else tp
+    base, optional = _field_type(key)
     if value is None:
         if optional or base is Any:
             return None
@@ -216,7 +215,7 @@ def parse_cli(argv: list[str]) -> dict:
         except yaml.YAMLError:
             value = raw
         f = _FIELDS.get(key)
-        if f is not None and value is not None and not isinstance(value, list) and _base_type(key) in (str, Any):
+        if f is not None and value is not None and not isinstance(value, list) and _field_type(key)[0] in (str, Any):
             value = raw  # strings (paths, prompts, "no") stay verbatim: YAML would read `no` as false
         out[key] = value
     return out
