@@ -218,3 +218,80 @@ def test_baseline_bad_arguments():
         PSN(4, T=0)
     with pytest.raises(ValueError, match="k must be"):
         SlidingPSN(4, k=0)
+
+
+def _dsn_composition(x, w, b, tau, N, surrogate, history, h0, cu):
+    """The DSN as plain autograd ops in float64 (per document when packed): the oracle of ops.dsn_parallel."""
+    from spikelm.ops import log_decay
+
+    def one(xs, hist, start):
+        k = w.shape[1]
+        window = torch.cat([hist, xs], dim=1)
+        logit = b + sum(window[:, j : j + xs.shape[1]] * w[:, j] for j in range(k))
+        g = log_decay(logit, tau)
+        h, last = naive_scan(-torch.expm1(g) * xs, g, start)
+        return quantize_spikes(h, N, surrogate), last
+
+    k = w.shape[1]
+    if cu is None:
+        hist = x.new_zeros(x.shape[0], k - 1, x.shape[2]) if history is None else history
+        return one(x, hist, h0)
+    spikes, lasts = [], []
+    for n, (s, e) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+        start = None if h0 is None else h0[n : n + 1]
+        if e == s:
+            lasts.append(x.new_zeros(x.shape[2]) if h0 is None else h0[n])
+            continue
+        sp, last = one(x[:, s:e], x.new_zeros(1, k - 1, x.shape[2]), start)
+        spikes.append(sp)
+        lasts.append(last[0])
+    return torch.cat(spikes, dim=1), torch.stack(lasts)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 2, 4])
+@pytest.mark.parametrize("surrogate", ["rect", "atan"])
+@pytest.mark.parametrize("layout", ["plain", "carried", "packed", "packed_h0"])
+def test_fused_torch_function_matches_autograd_composition(kernel_size, surrogate, layout):
+    """ops.dsn_parallel (the CPU training path: one Function, hand-written backward) == autograd of the definition."""
+    from spikelm.ops import dsn_parallel
+
+    torch.manual_seed(kernel_size)
+    B, T, C, tau, N = 2, 37, 5, 0.25, 3
+    cu = history = h0 = None
+    if layout.startswith("packed"):
+        B, cu = 1, torch.tensor([0, 1, 1, 9, 10, 30, T])  # an empty document and one-step documents
+        if layout == "packed_h0":
+            h0 = torch.randn(6, C, dtype=torch.float64).requires_grad_()
+    elif layout == "carried":
+        history = torch.randn(B, kernel_size - 1, C, dtype=torch.float64).requires_grad_()
+        h0 = torch.randn(B, C, dtype=torch.float64).requires_grad_()
+    x = (2 * torch.randn(B, T, C, dtype=torch.float64)).requires_grad_()
+    w = torch.randn(C, kernel_size, dtype=torch.float64).requires_grad_()
+    b = (torch.randn(C, dtype=torch.float64) + 2).requires_grad_()
+    b.data[0] = -30  # one channel always at the decay floor
+    inputs = [t for t in (x, w, b, history, h0) if t is not None]
+    gs, gl = torch.randn(B, T, C, dtype=torch.float64), torch.randn(h0.shape if h0 is not None else (len(cu) - 1 if cu is not None else B, C), dtype=torch.float64)
+
+    s1, last1 = dsn_parallel(x, w, b, tau, N, surrogate, history=history, initial_state=h0, cu_seqlens=cu)
+    s2, last2 = _dsn_composition(x, w, b, tau, N, surrogate, history, h0, cu)
+    assert torch.equal(s1, s2)
+    torch.testing.assert_close(last1, last2, atol=1e-12, rtol=1e-12)
+    g1 = torch.autograd.grad((s1 * gs).sum() + (last1 * gl).sum(), inputs)
+    g2 = torch.autograd.grad((s2 * gs).sum() + (last2 * gl).sum(), inputs)
+    for a, e in zip(g1, g2):
+        torch.testing.assert_close(a, e, atol=1e-9, rtol=1e-9)
+    assert g1[0].abs().sum() > 0 and g1[1].abs().sum() > 0
+
+
+def test_dsn_module_uses_the_fused_function_on_cpu_with_the_composition_gradients():
+    neuron = DSN(8, kernel_size=3)
+    x = (2 * torch.randn(2, 40, 8)).requires_grad_()
+    grad = torch.randn(2, 40, 8)
+    fused = torch.autograd.grad((neuron(x) * grad).sum(), [x, neuron.conv_weight, neuron.conv_bias])
+    reference = DSN(8, kernel_size=3, backend="naive")
+    reference.load_state_dict(neuron.state_dict())
+    spikes, _ = reference(x, return_membrane=True)
+    assert torch.equal(spikes, neuron(x))
+    composed = torch.autograd.grad((spikes * grad).sum(), [x, reference.conv_weight, reference.conv_bias])
+    for a, e in zip(fused, composed):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import LOG_DECAY_FLOOR, check_cu_seqlens, log_decay, scan, triton_is_available
+from ..ops import LOG_DECAY_FLOOR, check_cu_seqlens, decay_logit, dsn_parallel, log_decay, scan, triton_is_available
 from .base import check_choice, check_positive_int, check_sequence_input, check_step_input
 from .spike import SPIKE_MODES, SURROGATES, quantize_spikes
 
@@ -103,21 +103,9 @@ class DSN(nn.Module):
                 f"max_spike={self.max_spike}, spike_mode={self.spike_mode!r}, surrogate={self.surrogate!r}")
 
     # -- shared pieces -------------------------------------------------------------------------
-    def _decay_logit(self, window: torch.Tensor, T: int, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal depthwise conv: window [B, k-1+T, C] (float32) -> a' [B, T, C].
-
-        One addcmul per tap, in the same order in forward and step, so both round alike.
-        positions [T] (position of each step in its packed document) hides taps before a document's start.
-        """
-        k = self.kernel_size
-        w = self.conv_weight.float()
-        out = self.conv_bias.float().expand(window.shape[0], T, self.channels)
-        for j in range(k):
-            tap = window[:, j : j + T]
-            if positions is not None and j < k - 1:
-                tap = tap * (positions >= k - 1 - j).to(tap.dtype)[None, :, None]
-            out = torch.addcmul(out, tap, w[:, j])
-        return out
+    def _decay_logit(self, window: torch.Tensor, T: int, doc_starts: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal depthwise conv: window [B, k-1+T, C] -> a' [B, T, C] (ops.decay_logit, shared with step)."""
+        return decay_logit(window, self.conv_weight, self.conv_bias, T, doc_starts)
 
     def _log_decay(self, logit: torch.Tensor) -> torch.Tensor:
         return log_decay(logit, self.tau)
@@ -130,6 +118,12 @@ class DSN(nn.Module):
         return DSNState(torch.zeros(batch_size, self.channels, device=device, dtype=torch.float32),
                         torch.zeros(batch_size, self.kernel_size - 1, self.channels, device=device, dtype=dtype))
 
+    def _history(self, state: DSNState | None, batch_size: int, device, dtype) -> torch.Tensor:
+        """The conv's previous k-1 inputs [B, k-1, C]: the carried state's, or zeros for a fresh neuron."""
+        if state is None:
+            return torch.zeros(batch_size, self.kernel_size - 1, self.channels, device=device, dtype=dtype)
+        return state.conv.to(dtype)
+
     def _check_state(self, state, batch_size: int) -> None:
         if not isinstance(state, DSNState):
             raise TypeError(f"DSN: state must be a DSNState (from forward(return_state=True) or step), got {type(state).__name__}")
@@ -139,6 +133,10 @@ class DSN(nn.Module):
                              f"{tuple(state.membrane.shape)} and {tuple(state.conv.shape)}")
 
     # -- parallel form -------------------------------------------------------------------------
+    def _use_torch_function(self, x: torch.Tensor, return_membrane: bool) -> bool:
+        """Off CUDA, the one-Function torch path (ops.dsn_parallel) computes what the composition does."""
+        return not x.is_cuda and self.backend in ("auto", "torch") and not return_membrane
+
     def _use_fused_kernel(self, x: torch.Tensor, return_membrane: bool) -> bool:
         """The fused Triton kernel computes exactly the unfused rect-surrogate path, on CUDA only."""
         return (x.is_cuda and self.surrogate == "rect" and self.backend in ("auto", "triton")
@@ -161,23 +159,30 @@ class DSN(nn.Module):
             raise ValueError("DSN: pass either state or cu_seqlens (packed documents start fresh), not both")
         if cu_seqlens is not None:
             check_cu_seqlens("DSN", cu_seqlens, B, T)
-        if state is None:
-            history = x.new_zeros(B, k - 1, C, dtype=torch.float32)
-            membrane0 = None
-        else:
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if state is not None:
             self._check_state(state, B)
-            history, membrane0 = state.conv.float(), state.membrane.float()
-        xf = x.float()
-        window = torch.cat([history, xf], dim=1)
-        positions = None if cu_seqlens is None else _positions_in_document(cu_seqlens, T, x.device)
-        logit = self._decay_logit(window, T, positions)
-        if self._use_fused_kernel(x, return_membrane):
+        fused = self._use_fused_kernel(x, return_membrane)
+        one_function = not fused and self._use_torch_function(x, return_membrane)
+        if not one_function:
+            membrane0 = None if state is None else state.membrane.float()
+            xf = x.to(dtype)
+            window = torch.cat([self._history(state, B, x.device, dtype), xf], dim=1)
+            starts = None if cu_seqlens is None else _document_starts(cu_seqlens)
+            logit = self._decay_logit(window, T, starts)
+        if fused:
             # CUDA: decay, drive, scan and rect spikes in one Triton pass (ops/triton_dsn.py, issue 3)
             from ..ops.triton_dsn import dsn_fused  # noqa: PLC0415
 
             spikes, last = dsn_fused(logit, x, membrane0, cu_seqlens, self.tau, self.max_spike,
                                      output_final_state=return_state)
-        else:
+        elif one_function:
+            # CPU: the whole neuron as one autograd Function with a hand-written backward (ops/torch_dsn.py)
+            spikes, last = dsn_parallel(x, self.conv_weight, self.conv_bias, self.tau, self.max_spike, self.surrogate,
+                                        self.surrogate_alpha, None if state is None else state.conv,
+                                        None if state is None else state.membrane, cu_seqlens)
+            last = last.float()
+        else:  # the composition of ops (return_membrane, or the naive reference backend)
             log_decay = self._log_decay(logit)
             drive = -torch.expm1(log_decay) * xf  # (1 - alpha) X
             membrane, last = scan(drive, log_decay, membrane0, output_final_state=return_state,
@@ -185,10 +190,11 @@ class DSN(nn.Module):
             spikes = self.spike(membrane).to(x.dtype)
         out = (spikes,)
         if return_state:
-            if cu_seqlens is None:
-                conv = window[:, window.shape[1] - (k - 1):]
+            if cu_seqlens is None:  # the conv's next history: the last k-1 inputs, older history first
+                tail = torch.cat([self._history(state, B, x.device, x.dtype), x[:, max(0, T - (k - 1)):]], dim=1)
+                conv = tail[:, tail.shape[1] - (k - 1):]
             else:
-                conv = _packed_conv_history(xf, cu_seqlens, k)
+                conv = _packed_conv_history(x, cu_seqlens, k)
             out += (DSNState(last, conv.to(x.dtype)),)
         if return_membrane:
             out += (membrane,)
@@ -210,11 +216,10 @@ class DSN(nn.Module):
         return spikes, DSNState(membrane, window[:, 1:].to(x_t.dtype))
 
 
-def _positions_in_document(cu_seqlens: torch.Tensor, T: int, device) -> torch.Tensor:
-    cu = cu_seqlens.to(device=device, dtype=torch.long)
-    lengths = cu[1:] - cu[:-1]
-    starts = torch.repeat_interleave(cu[:-1], lengths, output_size=T)
-    return torch.arange(T, device=device) - starts
+def _document_starts(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Offsets where the non-empty packed documents start."""
+    cu = cu_seqlens.to(torch.long)
+    return cu[:-1][cu[1:] > cu[:-1]]
 
 
 def _packed_conv_history(x: torch.Tensor, cu_seqlens: torch.Tensor, k: int) -> torch.Tensor:

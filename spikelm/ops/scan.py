@@ -92,7 +92,7 @@ def _reset_at_starts(x, g, initial_state, cu):
     return x, g
 
 
-def _packed_final_states(h, initial_state, cu, D):
+def packed_final_states(h, initial_state, cu, D):
     finals = []
     for n, (s, e) in enumerate(zip(cu, cu[1:])):
         if e > s:
@@ -139,5 +139,5 @@ def scan(x, g, initial_state=None, output_final_state=False, cu_seqlens=None, ba
         else:
             xr, gr = _reset_at_starts(xc, gc, h0, cu)
             h, _ = torch_scan(xr.contiguous(), gr.contiguous(), None)
-            last = _packed_final_states(h, h0, cu, D)
+            last = packed_final_states(h, h0, cu, D)
     return h.to(out_dtype), (last if output_final_state else None)

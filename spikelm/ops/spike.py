@@ -16,6 +16,19 @@ SPIKE_MODES = ("integer", "binary")
 SURROGATES = ("rect", "atan")
 
 
+def surrogate_slope(h: torch.Tensor, max_spike: int, surrogate: str, alpha: float) -> torch.Tensor:
+    """d S / d h as the surrogate defines it, in h's dtype (rect: a 0/1 mask; atan: computed in float32 or wider)."""
+    if surrogate == "rect":
+        inside = h >= 0
+        inside &= h <= max_spike
+        return inside.to(h.dtype)
+    hf = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
+    slope = torch.zeros_like(hf)
+    for k in range(max_spike):
+        slope += (alpha / 2) / (1 + (math.pi / 2 * alpha * (hf - (k + 0.5))) ** 2)
+    return slope.to(h.dtype)
+
+
 class _QuantizeSpike(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, max_spike: int, surrogate: str, alpha: float):
@@ -26,16 +39,7 @@ class _QuantizeSpike(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_s):
         (h,) = ctx.saved_tensors
-        N, a = ctx.max_spike, ctx.alpha
-        if ctx.surrogate == "rect":
-            slope = ((h >= 0) & (h <= N)).to(grad_s.dtype)
-        else:
-            hf = h.float()
-            slope = torch.zeros_like(hf)
-            for k in range(N):
-                slope += (a / 2) / (1 + (math.pi / 2 * a * (hf - (k + 0.5))) ** 2)
-            slope = slope.to(grad_s.dtype)
-        return grad_s * slope, None, None, None
+        return grad_s * surrogate_slope(h, ctx.max_spike, ctx.surrogate, ctx.alpha).to(grad_s.dtype), None, None, None
 
 
 def quantize_spikes(h: torch.Tensor, max_spike: int, surrogate: str = "rect", alpha: float = 2.0) -> torch.Tensor:

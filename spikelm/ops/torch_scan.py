@@ -123,16 +123,21 @@ def _block(x, a, g, out, carry, C: int, rev: bool, buf):
     return carry
 
 
-def chunked_scan_forward(x: torch.Tensor, g: torch.Tensor, initial_state: torch.Tensor | None):
-    """x, g: contiguous [B, T, D] float32/float64. Returns (h [B, T, D], h_last [B, D])."""
+def chunked_scan_forward(x: torch.Tensor, g: torch.Tensor, initial_state: torch.Tensor | None,
+                         decay: torch.Tensor | None = None):
+    """x, g: contiguous [B, T, D] float32/float64. Returns (h [B, T, D], h_last [B, D]).
+
+    decay: exp(g) when the caller has it already (contiguous, overwritten: h is written into it).
+    """
     B, T, D = x.shape
-    h = _empty(x)
+    h = _empty(x) if decay is None else decay
     carry = x.new_zeros(B, D) if initial_state is None else initial_state.to(x.dtype)
     if T == 0:
         return h, carry
     S, C = _sizes(T, B * D)
     buf = x.new_empty(3 * B * (S // C + 1) * D)
-    _exp(g, out=h)  # all decays in one op (few multi-threaded barriers); pass 3 overwrites them with h
+    if decay is None:
+        _exp(g, out=h)  # all decays in one op (few multi-threaded barriers); pass 3 overwrites them with h
     for s0 in range(0, T, S):
         blk = slice(s0, min(T, s0 + S))
         hb = h[:, blk]
@@ -177,25 +182,39 @@ def scan_backward(forward, grad_h, grad_last, g, h, initial_state, needs_initial
     return dx.contiguous(), dg, dh0
 
 
-def _blocked_backward(grad_h, grad_last, g, h, initial_state, needs_initial_grad: bool):
-    """scan_backward walking blocks from the end: exp(g) of every step goes into dg, the reverse scan
-    (decay exp(g_{t+1}) for step t) writes dx block by block, then dg = dx * exp(g) * h_{t-1} in place."""
+def adjoint_scan(grad_h: torch.Tensor | None, grad_last: torch.Tensor | None, g: torch.Tensor):
+    """The reverse recurrence of h_t = exp(g_t) h_{t-1} + x_t: dx_t = dh_t + exp(g_{t+1}) dx_{t+1}.
+
+    grad_h [B, T, D] (None: zeros), grad_last [B, D] the final state's gradient (None: zeros), both
+    in g's dtype; T >= 1. The blocked kernel walks blocks from the end, in reverse time order on
+    strided views, without flips. Returns (dx, e) with e = exp(g), a fresh buffer the caller may
+    reuse (callers turn it into dg = dx * e * h_{t-1} in place).
+    """
     B, T, D = g.shape
-    dx, dg = _empty(g), _empty(g)
-    carry = g.new_zeros(B, D) if grad_last is None else grad_last.to(g.dtype)  # dx_T seed
-    if T == 0:
-        return dx, dg, (carry if needs_initial_grad else None)
+    dx, e = _empty(g), _empty(g)
+    carry = g.new_zeros(B, D) if grad_last is None else grad_last
     if grad_h is None:
         grad_h = g.new_zeros(B, T, D)  # only the final state was used
-    dh = grad_h.to(g.dtype).contiguous()
-    h0 = g.new_zeros(B, D) if initial_state is None else initial_state.to(g.dtype)
+    dh = grad_h.contiguous()
     S, C = _sizes(T, B * D)
     buf = g.new_empty(3 * B * (S // C + 1) * D)
-    _exp(g, out=dg)  # e_t = exp(g_t), turned into dg_t = dx_t * e_t * h_{t-1} at the end
+    _exp(g, out=e)
     carry = torch.add(dh[:, T - 1], carry, out=dx[:, T - 1])  # exp(g_T) := 1: the seed enters as is
     for s1 in range(T - 1, 0, -S):  # dx_t = dh_t + e_{t+1} dx_{t+1}, t = T-2 .. 0
         s0 = max(0, s1 - S)
-        carry = _block(dh[:, s0:s1], dg[:, s0 + 1 : s1 + 1], g[:, s0 + 1 : s1 + 1], dx[:, s0:s1], carry, C, True, buf)
+        carry = _block(dh[:, s0:s1], e[:, s0 + 1 : s1 + 1], g[:, s0 + 1 : s1 + 1], dx[:, s0:s1], carry, C, True, buf)
+    return dx, e
+
+
+def _blocked_backward(grad_h, grad_last, g, h, initial_state, needs_initial_grad: bool):
+    """scan_backward with the blocked reverse kernel: dg = dx * exp(g) * h_{t-1}, in place in exp(g)'s buffer."""
+    B, T, D = g.shape
+    if T == 0:
+        carry = g.new_zeros(B, D) if grad_last is None else grad_last.to(g.dtype)
+        return torch.empty_like(g), torch.empty_like(g), (carry if needs_initial_grad else None)
+    dx, dg = adjoint_scan(None if grad_h is None else grad_h.to(g.dtype),
+                          None if grad_last is None else grad_last.to(g.dtype), g)
+    h0 = g.new_zeros(B, D) if initial_state is None else initial_state.to(g.dtype)
     dh0 = dx[:, 0] * dg[:, 0] if needs_initial_grad else None
     dg.mul_(dx)
     dg[:, 1:].mul_(h[:, :-1])

@@ -1,0 +1,262 @@
+"""The whole DSN neuron in one autograd Function, for CPU training: conv -> decay -> scan -> spikes.
+
+Written as separate autograd ops, the neuron makes ~60 passes over [B, T, C] memory per forward
+and backward (each op reads and writes whole tensors, autograd saves and zero-fills more), and on
+a CPU the time goes to memory traffic and first-touch page faults of fresh buffers, not to
+arithmetic. `dsn_parallel` computes the same numbers with a hand-written backward that works in
+place in a few buffers and recomputes cheap quantities (alpha, 1 - alpha, the sigmoid) from the
+saved log-decay instead of saving them:
+
+    forward : a' = conv(X) (one addcmul per tap, the order DSN.step uses), g = log alpha (in place),
+              drive = (1 - alpha) X, H = scan(drive, g), S = clip(floor(H + 1/2), 0, N)
+    backward: s = dS * surrogate'(H), u = adjoint scan of s (u_t = s_t + alpha_{t+1} u_{t+1}),
+              d g = u alpha (H_{t-1} - X_t), dX = (1 - alpha) u + conv^T(d a'),
+              d a' = d g sigmoid(-a') / tau where the floor is not active, with
+              sigmoid(-a') = -expm1(tau g); d w, d b = correlations of d a' with the conv's window.
+
+Packed documents (cu_seqlens): every document starts from a fresh membrane and conv history. The
+scan's decay is set to 0 at each start for the scan only (the saved log-decay keeps its value),
+and the conv rows whose taps reach into the previous document are recomputed with those taps
+masked (and fixed up likewise in the backward): a few rows, not a full mask over the sequence.
+"""
+from __future__ import annotations
+
+import torch
+
+from .decay import LOG_DECAY_FLOOR, log_decay
+from .scan import packed_final_states
+from .spike import surrogate_slope
+from .torch_scan import _empty, adjoint_scan, chunked_scan_forward
+
+
+def decay_logit(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, T: int,
+                doc_starts: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal depthwise conv a'_t = b + sum_j w[:, j] * window[:, j + t]: window [B, k-1+T, C] -> [B, T, C].
+
+    One addcmul per tap from the bias, j = 0..k-1, so the parallel form and the one-token step round
+    alike. doc_starts (packed, B = 1): offsets where documents start; rows within k-1 steps of a
+    start are recomputed with the taps before the start masked (as if the document began the row).
+    """
+    k = weight.shape[1]
+    out = _conv_rows(window, weight.to(window.dtype), bias.to(window.dtype), T)
+    if doc_starts is not None and k > 1:
+        _mask_start_rows(out, window[:, k - 1 :], weight.to(window.dtype), bias.to(window.dtype), doc_starts, T)
+    return out
+
+
+def _conv_rows(window, w, b, T, out=None):
+    """b + sum_j w[:, j] * window[:, j:j+T], tap by tap (into out when given; differentiable without)."""
+    k = w.shape[1]
+    bias = b.expand(window.shape[0], T, -1)
+    if out is None:
+        out = torch.addcmul(bias, window[:, 0:T], w[:, 0])
+    else:
+        torch.addcmul(bias, window[:, 0:T], w[:, 0], out=out)
+    for j in range(1, k):
+        out.addcmul_(window[:, j : j + T], w[:, j])
+    return out
+
+
+def _start_rows(doc_starts: torch.Tensor, T: int, k: int):
+    """Rows t = start + r (r < k-1, t < T, t before the next start) and their r."""
+    starts = doc_starts.to(torch.long)
+    r = torch.arange(k - 1, device=starts.device)
+    rows = (starts[:, None] + r[None, :])
+    nxt = torch.cat([starts[1:], starts.new_tensor([T])])
+    ok = rows < nxt[:, None]
+    return rows[ok], r.expand_as(rows)[ok]
+
+
+def _doc_layout(cu_seqlens: torch.Tensor, T: int, device):
+    cu = cu_seqlens.tolist()
+    starts = [s for s, e in zip(cu, cu[1:]) if e > s]
+    docs = [n for n, (s, e) in enumerate(zip(cu, cu[1:])) if e > s]
+    as_t = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    return cu, as_t(starts), as_t(docs)
+
+
+def _causal_conv(x, history, w, b, doc_starts):
+    """decay_logit over [history, x] without materialising the window: rows t >= k-1 read x only."""
+    B, T, C = x.shape
+    k = w.shape[1]
+    out = _empty(x)
+    head = min(T, k - 1)  # rows that read the history
+    if T > head:
+        _conv_rows(x, w, b, T - head, out=out[:, head:])
+    if head:
+        _conv_rows(torch.cat([history, x[:, :head]], dim=1), w, b, head, out=out[:, :head])
+    if doc_starts is not None and k > 1:
+        _mask_start_rows(out, x, w, b, doc_starts, T)
+    return out
+
+
+def _mask_start_rows(out, x, w, b, doc_starts, T):
+    """Packed rows (B = 1, no history): recompute a' where taps reach before the row's document start."""
+    k = w.shape[1]
+    rows, r = _start_rows(doc_starts, T, k)
+    if rows.numel():
+        idx = rows[:, None] + torch.arange(k, device=rows.device) - (k - 1)  # x index of each tap
+        keep = (torch.arange(k, device=rows.device)[None, :] >= (k - 1 - r)[:, None]) & (idx >= 0)
+        taps = x[0, idx.clamp(min=0)]  # [R, k, C]
+        fixed = b.expand(rows.numel(), -1)
+        for j in range(k):
+            fixed = torch.addcmul(fixed, taps[:, j] * keep[:, j, None].to(x.dtype), w[:, j])
+        out[0, rows] = fixed
+
+
+def _inside(h_neg, max_spike):
+    """Bounds for hardtanh_backward (lo < h_neg < hi) so that it passes where 0 <= H <= N, H = -h_neg.
+
+    hi is the smallest normal number rather than the smallest denormal, so flush-to-zero cannot turn
+    H = 0 (a silent neuron, where the gradient must pass) into a blocked one."""
+    one = torch.ones((), dtype=h_neg.dtype)
+    lo = torch.nextafter(-one * max_spike, -one * (max_spike + 1)).item()
+    return lo, torch.finfo(h_neg.dtype).tiny
+
+
+class DSNFunction(torch.autograd.Function):
+    """The scan runs on the negated drive, expm1(g) X = -(1 - alpha) X, so its output is -H: the sign
+    flip costs nothing (spikes = floor(1/2 - (-H)) round exactly as floor(H + 1/2)) instead of a pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, history, h0, cu_seqlens, tau, max_spike, surrogate, surrogate_alpha):
+        B, T, C = x.shape
+        k = weight.shape[1]
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xf = x.to(dtype)
+        w, b = weight.to(dtype), bias.to(dtype)
+        hist = x.new_zeros(B, k - 1, C, dtype=dtype) if history is None else history.to(dtype)
+        layout = None if cu_seqlens is None else _doc_layout(cu_seqlens, T, x.device)
+        g = _causal_conv(xf, hist, w, b, None if layout is None else layout[1])
+        log_decay(g, tau, out=g)
+        drive = torch.expm1(g, out=_empty(g))
+        decay = torch.add(drive, 1.0, out=_empty(g))  # alpha = 1 + expm1(g): no second exp
+        drive.mul_(xf)  # -(1 - alpha) X
+        h0n = None if h0 is None else -h0.to(dtype)
+        if layout is None:
+            h_neg, last = chunked_scan_forward(drive, g, h0n, decay=decay)
+        else:
+            cu, starts, docs = layout
+            g_starts = g[0, starts].clone()
+            if h0n is not None:
+                drive[0, starts] += torch.exp(g_starts) * h0n[docs]
+            decay[0, starts] = 0.0  # a fresh membrane at every document start
+            g[0, starts] = float("-inf")  # (the scan's chunk decays read g)
+            h_neg, _ = chunked_scan_forward(drive, g, None, decay=decay)
+            g[0, starts] = g_starts
+            last = packed_final_states(h_neg, h0n, cu, C)
+        del drive
+        half = torch.full((), 0.5, dtype=dtype, device=h_neg.device)
+        spikes = torch.sub(half, h_neg, out=_empty(h_neg)).floor_().clamp_(0, max_spike).to(x.dtype)
+        ctx.save_for_backward(xf, hist, g, h_neg, h0n, weight, bias)
+        ctx.layout = layout
+        ctx.args = (tau, max_spike, surrogate, surrogate_alpha, x.dtype)
+        return spikes, last.neg()  # (T = 0: last may be h0n itself)
+
+    @staticmethod
+    def backward(ctx, grad_s, grad_last):
+        xf, hist, g, h_neg, h0n, weight, bias = ctx.saved_tensors
+        tau, max_spike, surrogate, surrogate_alpha, x_dtype = ctx.args
+        layout = ctx.layout
+        B, T, C = h_neg.shape
+        k = weight.shape[1]
+        dtype = h_neg.dtype
+        if T == 0:  # nothing ran: the final state is the initial one
+            n = len(layout[0]) - 1 if layout is not None else B
+            dh0 = grad_last if grad_last is not None else h_neg.new_zeros(n, C)
+            return (torch.zeros_like(xf).to(x_dtype), torch.zeros_like(weight), torch.zeros_like(bias),
+                    torch.zeros_like(hist) if ctx.needs_input_grad[3] else None,
+                    dh0 if ctx.needs_input_grad[4] else None, None, None, None, None, None)
+        # s = dL/dH = dS * surrogate'(H): a fresh buffer (grad_s belongs to autograd), reused below
+        s = _empty(h_neg)
+        if grad_s is None:
+            s.zero_()
+        elif surrogate == "rect":  # straight through where 0 <= H <= N, i.e. -N <= h_neg <= 0
+            lo, hi = _inside(h_neg, max_spike)
+            torch.ops.aten.hardtanh_backward.grad_input(grad_s.to(dtype), h_neg, lo, hi, grad_input=s)
+        else:
+            torch.mul(grad_s.to(dtype), surrogate_slope(h_neg.neg(), max_spike, surrogate, surrogate_alpha), out=s)
+        seed = None if grad_last is None else grad_last.to(dtype)
+        if layout is not None:
+            cu, starts, docs = layout
+            if seed is not None:  # a document's final state is H at its last row
+                ends = torch.tensor([e - 1 for s_, e in zip(cu, cu[1:]) if e > s_], dtype=torch.long, device=s.device)
+                s[0].index_add_(0, ends, seed[docs])
+            g_starts = g[0, starts].clone()
+            g[0, starts] = float("-inf")
+            u, e = adjoint_scan(s, None, g)  # u_t = s_t + alpha_{t+1} u_{t+1}; e = alpha = exp(g)
+            g[0, starts] = g_starts
+            e[0, starts] = torch.exp(g_starts)
+        else:
+            u, e = adjoint_scan(s, seed, g)
+        dh0 = None
+        if ctx.needs_input_grad[4]:  # d H_0 = alpha_0 u_0 (per document in packed mode)
+            if layout is None:
+                dh0 = e[:, 0] * u[:, 0]
+            else:
+                dh0 = seed.clone() if seed is not None else s.new_zeros(len(cu) - 1, C)  # empty documents
+                dh0[docs] = e[0, starts] * u[0, starts]
+        # d g = u alpha (H_{t-1} - X_t) = -u alpha (h_neg_{t-1} + X_t): s (free now) holds the bracket
+        torch.add(h_neg[:, :-1], xf[:, 1:], out=s[:, 1:])
+        s[:, 0].copy_(xf[:, 0])
+        if h0n is not None and layout is None:
+            s[:, 0].add_(h0n)
+        if layout is not None:  # the start rows saw H_{-1} = the document's initial state (or 0)
+            s[0, starts] = xf[0, starts] if h0n is None else xf[0, starts] + h0n[docs]
+        s.mul_(e)
+        # dX from the drive: (1 - alpha) u = u - alpha u, into e's buffer (alpha ~ 1 costs ~1e-7 / (1 - alpha) relative)
+        dx = torch.addcmul(u, e, u, value=-1.0, out=e)
+        dg = s.mul_(u)  # = -d g
+        # d a' = d g * sigmoid(-a') / tau with sigmoid(-a') = -expm1(tau g), 0 where the floor holds (threshold)
+        factor = torch.threshold(g, LOG_DECAY_FLOOR, 0.0, out=u)
+        factor.mul_(tau).expm1_()
+        dlogit = dg.mul_(factor).mul_(1.0 / tau)
+        del factor, u
+        # the conv: a'_t = b + sum_j w_j window_{t+j}, window = [history, X]; tap j reads X_{t - (k-1-j)}
+        w = weight.to(dtype)
+        d_weight = torch.empty(C, k, dtype=dtype, device=dx.device)
+        prod = _empty(dx)
+        ones = dx.new_ones(B * T)
+        for j in range(k):
+            sft = k - 1 - j
+            n = B * max(0, T - sft)
+            part = prod.view(-1)[: n * C].view(B, -1, C)  # contiguous, so the sum below needs no copy
+            torch.mul(dlogit[:, sft:], xf[:, : max(0, T - sft)], out=part)
+            # a column sum as a matrix-vector product: ~2x faster than sum((0, 1)) on wide rows
+            d_weight[:, j] = ones[:n] @ part.view(n, C)
+            for t in range(min(sft, T)):  # rows reading the history
+                d_weight[:, j] += (dlogit[:, t] * hist[:, t + j]).sum(0)
+        del prod
+        d_bias = ones @ dlogit.reshape(-1, C)
+        d_history = dlogit.new_zeros(B, k - 1, C) if ctx.needs_input_grad[3] else None
+        for j in range(k):
+            sft = k - 1 - j
+            if sft < T:
+                dx[:, : T - sft].addcmul_(dlogit[:, sft:], w[:, j])
+            if d_history is not None:
+                for t in range(min(sft, T)):
+                    d_history[:, t + j] += dlogit[:, t] * w[:, j]
+        if layout is not None and k > 1:  # remove the taps that crossed a document start
+            rows, r = _start_rows(starts, T, k)
+            for j in range(k):
+                sft = k - 1 - j
+                crossed = (sft > r) & (rows - sft >= 0)
+                if crossed.any():
+                    rj = rows[crossed]
+                    dx[0].index_add_(0, rj - sft, -dlogit[0, rj] * w[:, j])
+                    d_weight[:, j] -= (dlogit[0, rj] * xf[0, rj - sft]).sum(0)
+        return (dx.to(x_dtype), d_weight.to(weight.dtype), d_bias.to(bias.dtype),
+                d_history, None if dh0 is None else dh0, None, None, None, None, None)
+
+
+def dsn_parallel(x, weight, bias, tau: float, max_spike: int, surrogate: str = "rect", surrogate_alpha: float = 2.0,
+                 history=None, initial_state=None, cu_seqlens=None):
+    """The DSN over [B, T, C] in one autograd Function (CPU training path of neurons.DSN).
+
+    weight [C, k], bias [C]: the decay conv. history [B, k-1, C]: the conv's previous inputs (None: zeros);
+    initial_state [B, C] ([N, C] per packed document): the membrane before the first step (None: zeros).
+    Returns (spikes in x's dtype, final membrane [B or N, C] float32/64). Differentiable in x, weight,
+    bias, history and initial_state; the surrogate ("rect" or "atan") sets dS/dH.
+    """
+    return DSNFunction.apply(x, weight, bias, history, initial_state, cu_seqlens, float(tau), int(max_spike),
+                             surrogate, float(surrogate_alpha))
