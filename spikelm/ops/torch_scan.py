@@ -41,15 +41,21 @@ _HUGE_OK = sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE")
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
     """torch.empty_like(like) (contiguous), backed by transparent huge pages when large, on Linux/CPU."""
-    nbytes = like.numel() * like.element_size()
-    if not (_HUGE_OK and like.device.type == "cpu" and nbytes >= _HUGE_MIN_BYTES):
-        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    return empty_buffer(like.shape, like.dtype, like.device)
+
+
+def empty_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """torch.empty(shape), backed by transparent huge pages when large, on Linux/CPU."""
+    numel = math.prod(shape)
+    nbytes = numel * dtype.itemsize
+    if not (_HUGE_OK and torch.device(device).type == "cpu" and nbytes >= _HUGE_MIN_BYTES):
+        return torch.empty(shape, dtype=dtype, device=device)
     try:
         buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         buf.madvise(mmap.MADV_HUGEPAGE)
     except (OSError, ValueError):
-        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
-    return torch.frombuffer(buf, dtype=like.dtype, count=like.numel()).view(like.shape)  # freed with the tensor
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)  # freed with the tensor
 
 
 _LOG2E = 1.4426950408889634
@@ -182,16 +188,17 @@ def scan_backward(forward, grad_h, grad_last, g, h, initial_state, needs_initial
     return dx.contiguous(), dg, dh0
 
 
-def adjoint_scan(grad_h: torch.Tensor | None, grad_last: torch.Tensor | None, g: torch.Tensor):
+def adjoint_scan(grad_h: torch.Tensor | None, grad_last: torch.Tensor | None, g: torch.Tensor,
+                 out: tuple[torch.Tensor, torch.Tensor] | None = None):
     """The reverse recurrence of h_t = exp(g_t) h_{t-1} + x_t: dx_t = dh_t + exp(g_{t+1}) dx_{t+1}.
 
     grad_h [B, T, D] (None: zeros), grad_last [B, D] the final state's gradient (None: zeros), both
     in g's dtype; T >= 1. The blocked kernel walks blocks from the end, in reverse time order on
     strided views, without flips. Returns (dx, e) with e = exp(g), a fresh buffer the caller may
-    reuse (callers turn it into dg = dx * e * h_{t-1} in place).
+    reuse (callers turn it into dg = dx * e * h_{t-1} in place). out: contiguous buffers for (dx, e).
     """
     B, T, D = g.shape
-    dx, e = _empty(g), _empty(g)
+    dx, e = (_empty(g), _empty(g)) if out is None else out
     carry = g.new_zeros(B, D) if grad_last is None else grad_last
     if grad_h is None:
         grad_h = g.new_zeros(B, T, D)  # only the final state was used
