@@ -110,17 +110,17 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         self.post_init()
 
     def compile_decoding(self, **compile_kwargs) -> None:
-        """Run one-token decoding steps through torch.compile'd SSM blocks and final neuron layer.
+        """Run one-token decoding steps through torch.compile'd blocks and final neuron layer.
 
         A decoding step is hundreds of tiny ops (each neuron's conv taps, decay, membrane and spike), so
         eager PyTorch spends it in per-op overhead; Inductor fuses each block's elementwise work into a
-        few kernels. Blocks of one type share one compiled graph; the first two steps compile (seconds
-        on a CPU). Attention blocks stay eager: their KV cache changes shape while it fills the window.
+        few kernels. Blocks of one type share one compiled graph; the first steps compile (seconds on a
+        CPU), and an attention block compiles once more when its KV cache first grows (the cache
+        length then becomes a dynamic dimension, so filling the window does not recompile again).
         Prefill and training are untouched. Decoding agrees with eager decoding to float32 rounding.
         compile_kwargs go to torch.compile.
         """
-        fns = [layer if isinstance(layer, SpikingAttentionBlock) else torch.compile(layer, **compile_kwargs)
-               for layer in self.layers]
+        fns = [torch.compile(layer, **compile_kwargs) for layer in self.layers]
         self._decode_step_fns = (fns, torch.compile(self.final_spikes, **compile_kwargs))
 
     def get_input_embeddings(self):
