@@ -339,3 +339,24 @@ def test_kill_while_resaving_a_step_keeps_a_checkpoint(tmp_path, new_version_com
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-200"]
     want = "new" if new_version_complete else "old"
     assert (tmp_path / "checkpoint-200" / STATE_FILE).read_text() == f'{{"version": "{want}"}}'
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_document_start_pattern_groups_rows_into_documents(tmp_path, streaming):
+    """WikiText-style rows (a title row, paragraphs, blank rows) become one document per article."""
+    from spikelm.data import load_raw_datasets
+
+    rows = [" = Alpha = \n", "", " first paragraph . \n", " = = Section = = \n", " more alpha . \n",
+            " = Beta = \n", " beta text . \n"]
+    f = tmp_path / "wiki.jsonl"
+    f.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    raw = load_raw_datasets(train_file=str(f), validation_file=str(f), document_start_pattern="^ = [^=]",
+                            streaming=streaming)
+    docs = [ex["text"] for ex in raw["train"]]
+    assert docs == [" = Alpha = \n\n first paragraph . \n = = Section = = \n more alpha . ",
+                    " = Beta = \n beta text . "]
+    assert len(list(raw["validation"])) == 2
+    ungrouped = load_raw_datasets(train_file=str(f), validation_file=str(f))
+    assert len(ungrouped["train"]) == 6  # one document per non-empty row
+    with pytest.raises(DataError, match="document_start_pattern"):
+        load_raw_datasets(train_file=str(f), validation_file=str(f), document_start_pattern="(")

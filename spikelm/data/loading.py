@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob as _glob
 import os
+import re
 from pathlib import Path
 
 import datasets
@@ -76,9 +77,12 @@ def _load_files(files: list[str], split: str, streaming: bool, sample_by: str, c
 def load_raw_datasets(train_file=None, validation_file=None, dataset_name=None, dataset_config_name=None,
                       text_column: str = "text", sample_by: str = "paragraph", validation_split_percentage: float = 5,
                       streaming: bool = False, streaming_validation_documents: int = 200, seed: int = 42,
-                      cache_dir=None) -> dict:
+                      cache_dir=None, document_start_pattern: str | None = None) -> dict:
     """{"train": dataset, "validation": dataset or None}, each with the text in `text_column`.
 
+    document_start_pattern: rows are documents unless this regex is given; then a row matching it
+    starts a new document and the rows after it join that document (WikiText keeps an article's
+    heading, paragraphs and blank lines as separate rows: r"^ = [^=]" finds its titles).
     Without a validation file (or a validation split in the named dataset), validation takes
     validation_split_percentage % of the training documents (shuffled with seed), or, when
     streaming, the first streaming_validation_documents documents (which training then skips).
@@ -110,6 +114,13 @@ def load_raw_datasets(train_file=None, validation_file=None, dataset_name=None, 
     columns = train.column_names
     if columns is not None and text_column not in columns:
         raise DataError(f"{where}: no column {text_column!r} (columns: {columns}); set --text_column")
+    if document_start_pattern is not None:
+        try:
+            start = re.compile(document_start_pattern)
+        except re.error as e:
+            raise DataError(f"--document_start_pattern {document_start_pattern!r} is not a regular expression: {e}") from e
+        train = group_rows(train, text_column, start, streaming)
+        valid = None if valid is None else group_rows(valid, text_column, start, streaming)
     if not streaming:
         train = train.filter(lambda ex: bool(ex[text_column] and ex[text_column].strip()), desc="dropping empty")
         if len(train) == 0:
@@ -130,6 +141,27 @@ def load_raw_datasets(train_file=None, validation_file=None, dataset_name=None, 
             parts = train.train_test_split(test_size=n_valid, seed=seed, shuffle=True)
             train, valid = parts["train"], parts["test"]
     return {"train": train, "validation": valid}
+
+
+def _grouped(rows, text_column: str, start: re.Pattern):
+    doc: list[str] = []
+    for ex in rows:
+        text = ex[text_column] or ""
+        if doc and start.search(text):
+            yield {text_column: "\n".join(doc)}
+            doc = []
+        doc.append(text.rstrip("\n"))
+    if doc:
+        yield {text_column: "\n".join(doc)}
+
+
+def group_rows(ds, text_column: str, start: re.Pattern, streaming: bool = False):
+    """Consecutive rows as documents: a row matching `start` opens the next one (rows joined by newlines)."""
+    if streaming:
+        return datasets.IterableDataset.from_generator(
+            _grouped, gen_kwargs={"rows": ds, "text_column": text_column, "start": start})
+    docs = [d[text_column] for d in _grouped(ds.select_columns([text_column]), text_column, start)]
+    return datasets.Dataset.from_dict({text_column: docs})
 
 
 def iter_texts(ds, text_column: str, limit: int | None = None):

@@ -50,6 +50,9 @@ class TrainArgs:
     text_column: str = _h("column holding the text (.jsonl/.parquet/datasets)", "text", "data")
     sample_by: str = _h("how a .txt file splits into documents: line, paragraph (blank lines) or document (file)",
                         "paragraph", "data")
+    document_start_pattern: str | None = _h("regex: a row matching it starts a new document and the rows after it "
+                                            "join it (WikiText: '^ = [^=]'); default: every row is a document",
+                                            None, "data")
     streaming: bool = _h("stream the data instead of loading it (needs max_steps)", False, "data")
     streaming_shuffle_buffer: int = _h("shuffle buffer of a streamed dataset (0: no shuffle)", 10000, "data")
     streaming_validation_documents: int = _h("documents held out from a stream when no validation data is given",

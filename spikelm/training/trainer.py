@@ -141,7 +141,8 @@ def build_data(args: TrainArgs, accelerator) -> dict:
                                 text_column=args.text_column, sample_by=args.sample_by,
                                 validation_split_percentage=args.validation_split_percentage, streaming=args.streaming,
                                 streaming_validation_documents=args.streaming_validation_documents,
-                                seed=args.seed, cache_dir=args.cache_dir)
+                                seed=args.seed, cache_dir=args.cache_dir,
+                                document_start_pattern=args.document_start_pattern)
     return raw
 
 
