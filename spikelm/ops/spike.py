@@ -23,9 +23,11 @@ def surrogate_slope(h: torch.Tensor, max_spike: int, surrogate: str, alpha: floa
         inside &= h <= max_spike
         return inside.to(h.dtype)
     hf = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
-    slope = torch.zeros_like(hf)
-    for k in range(max_spike):
-        slope += (alpha / 2) / (1 + (math.pi / 2 * alpha * (hf - (k + 0.5))) ** 2)
+    slope, bump = torch.zeros_like(hf), torch.empty_like(hf)
+    for k in range(max_spike):  # in place: one scratch tensor, not a fresh one per operation
+        torch.sub(hf, k + 0.5, out=bump)
+        bump.mul_(math.pi / 2 * alpha).square_().add_(1.0).reciprocal_()
+        slope.add_(bump, alpha=alpha / 2)
     return slope.to(h.dtype)
 
 
