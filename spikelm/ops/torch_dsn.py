@@ -24,6 +24,7 @@ from __future__ import annotations
 import threading
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .decay import LOG_DECAY_FLOOR, log_decay
 from .scan import packed_final_states
@@ -174,6 +175,7 @@ class DSNFunction(torch.autograd.Function):
         return spikes, last.neg()  # (T = 0: last may be h0n itself)
 
     @staticmethod
+    @once_differentiable  # the backward works in place in scratch buffers: no graph through it
     def backward(ctx, grad_s, grad_last):
         xf, hist, g, h_neg, h0n, weight, bias = ctx.saved_tensors
         tau, max_spike, surrogate, surrogate_alpha, x_dtype = ctx.args
