@@ -295,3 +295,38 @@ def test_dsn_module_uses_the_fused_function_on_cpu_with_the_composition_gradient
     composed = torch.autograd.grad((spikes * grad).sum(), [x, reference.conv_weight, reference.conv_bias])
     for a, e in zip(fused, composed):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_function_survives_inference_mode_and_a_retained_graph():
+    """The reusable scratch buffers stay normal tensors after an inference_mode forward, and a packed
+    backward leaves its saved tensors untouched, so a retained graph runs backward twice."""
+    from spikelm.ops import dsn_parallel
+
+    neuron = DSN(8)
+    with torch.inference_mode():
+        neuron(torch.randn(2, 64, 8))  # the first call allocates the scratch buffers
+    x = (2 * torch.randn(1, 64, 8)).requires_grad_()
+    spikes = neuron(x, cu_seqlens=torch.tensor([0, 20, 64]))
+    first = torch.autograd.grad(spikes.sum(), x, retain_graph=True)[0]
+    second = torch.autograd.grad(spikes.sum(), x)[0]
+    assert torch.equal(first, second)
+    with pytest.raises(ValueError, match="history"):
+        dsn_parallel(x, neuron.conv_weight, neuron.conv_bias, 0.25, 4, history=torch.zeros(1, 3, 8),
+                     cu_seqlens=torch.tensor([0, 64]))
+
+
+def test_fused_function_input_gradient_is_exact_for_long_memory_channels():
+    """(1 - alpha) u is computed with expm1: float32 stays close to float64 where alpha is within 1e-6 of 1."""
+    from spikelm.ops import dsn_parallel
+
+    torch.manual_seed(0)
+    C = 4
+    x = (2 * torch.randn(1, 300, C, dtype=torch.float64)).requires_grad_()
+    w = torch.zeros(C, 4, dtype=torch.float64)
+    b = torch.tensor([3.0, 12.0, 16.0, 20.0], dtype=torch.float64)  # 1 - alpha from ~2e-1 down to ~8e-9
+    grad = torch.randn(1, 300, C, dtype=torch.float64)
+    want = torch.autograd.grad((dsn_parallel(x, w, b, 0.25, 4)[0] * grad).sum(), x)[0]
+    xf = x.detach().float().requires_grad_()
+    got = torch.autograd.grad((dsn_parallel(xf, w.float(), b.float(), 0.25, 4)[0] * grad.float()).sum(), xf)[0]
+    scale = want.abs().amax(dim=(0, 1))  # per channel
+    assert ((got.double() - want).abs().amax(dim=(0, 1)) <= 1e-4 * scale + 1e-12).all()

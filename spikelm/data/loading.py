@@ -119,8 +119,8 @@ def load_raw_datasets(train_file=None, validation_file=None, dataset_name=None, 
             start = re.compile(document_start_pattern)
         except re.error as e:
             raise DataError(f"--document_start_pattern {document_start_pattern!r} is not a regular expression: {e}") from e
-        train = group_rows(train, text_column, start, streaming)
-        valid = None if valid is None else group_rows(valid, text_column, start, streaming)
+        train = group_rows(train, text_column, start, streaming, cache_dir)
+        valid = None if valid is None else group_rows(valid, text_column, start, streaming, cache_dir)
     if not streaming:
         train = train.filter(lambda ex: bool(ex[text_column] and ex[text_column].strip()), desc="dropping empty")
         if len(train) == 0:
@@ -155,13 +155,15 @@ def _grouped(rows, text_column: str, start: re.Pattern):
         yield {text_column: "\n".join(doc)}
 
 
-def group_rows(ds, text_column: str, start: re.Pattern, streaming: bool = False):
+def group_rows(ds, text_column: str, start: re.Pattern, streaming: bool = False, cache_dir=None):
     """Consecutive rows as documents: a row matching `start` opens the next one (rows joined by newlines)."""
+    kwargs = {"rows": ds if streaming else ds.select_columns([text_column]), "text_column": text_column,
+              "start": start}
     if streaming:
-        return datasets.IterableDataset.from_generator(
-            _grouped, gen_kwargs={"rows": ds, "text_column": text_column, "start": start})
-    docs = [d[text_column] for d in _grouped(ds.select_columns([text_column]), text_column, start)]
-    return datasets.Dataset.from_dict({text_column: docs})
+        return datasets.IterableDataset.from_generator(_grouped, gen_kwargs=kwargs)
+    # written to the datasets cache (keyed by the rows' fingerprint and the pattern), so the grouping
+    # and the tokenisation after it are cached like any other map
+    return datasets.Dataset.from_generator(_grouped, gen_kwargs=kwargs, cache_dir=cache_dir)
 
 
 def iter_texts(ds, text_column: str, limit: int | None = None):

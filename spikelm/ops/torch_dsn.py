@@ -46,7 +46,8 @@ def _scratch(role: str, like: torch.Tensor) -> torch.Tensor:
     key = (role, like.dtype, like.device)
     buf = buffers.get(key)
     if buf is None or buf.numel() < like.numel():
-        buf = buffers[key] = empty_buffer((like.numel(),), like.dtype, like.device)
+        with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+            buf = buffers[key] = empty_buffer((like.numel(),), like.dtype, like.device)
     return buf[: like.numel()].view(like.shape)
 
 
@@ -204,10 +205,12 @@ class DSNFunction(torch.autograd.Function):
             if seed is not None:  # a document's final state is H at its last row
                 ends = torch.tensor([e - 1 for s_, e in zip(cu, cu[1:]) if e > s_], dtype=torch.long, device=s.device)
                 s[0].index_add_(0, ends, seed[docs])
+            # decay 0 at document starts for the adjoint scan only; written through .data and restored,
+            # so the saved g keeps its version (a retained graph can run backward again)
             g_starts = g[0, starts].clone()
-            g[0, starts] = float("-inf")
+            g.data[0, starts] = float("-inf")
             u, e = adjoint_scan(s, None, g, out=(_scratch("u", g), _empty(g)))  # u_t = s_t + alpha_{t+1} u_{t+1}; e = alpha = exp(g)
-            g[0, starts] = g_starts
+            g.data[0, starts] = g_starts
             e[0, starts] = torch.exp(g_starts)
         else:
             u, e = adjoint_scan(s, seed, g, out=(_scratch("u", g), _empty(g)))
@@ -226,9 +229,10 @@ class DSNFunction(torch.autograd.Function):
         if layout is not None:  # the start rows saw H_{-1} = the document's initial state (or 0)
             s[0, starts] = xf[0, starts] if h0n is None else xf[0, starts] + h0n[docs]
         s.mul_(e)
-        # dX from the drive: (1 - alpha) u = u - alpha u, into e's buffer (alpha ~ 1 costs ~1e-7 / (1 - alpha) relative)
-        dx = torch.addcmul(u, e, u, value=-1.0, out=e)
         dg = s.mul_(u)  # = -d g
+        # dX from the drive: (1 - alpha) u = -expm1(g) u, into e's buffer (expm1: exact for alpha near 1,
+        # where u - alpha u would lose ~1e-7 / (1 - alpha) of it)
+        dx = torch.expm1(g, out=e).mul_(u).neg_()
         # d a' = d g * sigmoid(-a') / tau with sigmoid(-a') = -expm1(tau g), 0 where the floor holds (threshold)
         factor = torch.threshold(g, LOG_DECAY_FLOOR, 0.0, out=u)
         factor.mul_(tau).expm1_()
@@ -280,5 +284,7 @@ def dsn_parallel(x, weight, bias, tau: float, max_spike: int, surrogate: str = "
     Returns (spikes in x's dtype, final membrane [B or N, C] float32/64). Differentiable in x, weight,
     bias, history and initial_state; the surrogate ("rect" or "atan") sets dS/dH.
     """
+    if cu_seqlens is not None and history is not None:
+        raise ValueError("dsn_parallel: packed documents (cu_seqlens) start with an empty conv history; pass no history")
     return DSNFunction.apply(x, weight, bias, history, initial_state, cu_seqlens, float(tau), int(max_spike),
                              surrogate, float(surrogate_alpha))
