@@ -106,22 +106,32 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
             block.mlp.fc2.is_residual_out = True
         self.final_spikes = NeuronLayer(config.hidden_size, kw, eps)  # the LM head reads spikes too
         self.gradient_checkpointing = False
-        self._decode_step_fns = None  # compile_decoding(): torch.compile'd blocks for one-token steps
+        self._compiled_decode = None  # compile_decoding(): a torch.compile'd one-token step
         self.post_init()
 
     def compile_decoding(self, **compile_kwargs) -> None:
-        """Run one-token decoding steps through torch.compile'd blocks and final neuron layer.
+        """Run one-token decoding steps through torch.compile: every block and the final neuron layer, one graph.
 
         A decoding step is hundreds of tiny ops (each neuron's conv taps, decay, membrane and spike), so
-        eager PyTorch spends it in per-op overhead; Inductor fuses each block's elementwise work into a
-        few kernels. Blocks of one type share one compiled graph; the first steps compile (seconds on a
-        CPU), and an attention block compiles once more when its KV cache first grows (the cache
-        length then becomes a dynamic dimension, so filling the window does not recompile again).
-        Prefill and training are untouched. Decoding agrees with eager decoding to float32 rounding.
-        compile_kwargs go to torch.compile.
+        eager PyTorch spends it in per-op overhead; Inductor fuses the elementwise work into a few
+        kernels, and one graph for the whole step pays one guard check per token. The first steps
+        compile (seconds to a minute on a CPU, cached on disk), and once more when the attention
+        blocks' KV caches first grow (their length then becomes a dynamic dimension, so filling the
+        window does not recompile again). Prefill, training and steps that return every layer's hidden
+        states stay eager. Decoding agrees with eager decoding to float32 rounding. compile_kwargs go
+        to torch.compile.
         """
-        fns = [torch.compile(layer, **compile_kwargs) for layer in self.layers]
-        self._decode_step_fns = (fns, torch.compile(self.final_spikes, **compile_kwargs))
+        self._compiled_decode = torch.compile(self._decode_layers, **compile_kwargs)
+
+    def _decode_layers(self, hidden: torch.Tensor, ctx: SequenceContext, states: list, final_state):
+        """One decoding step through every block and the final neuron layer (compile_decoding compiles
+        this whole loop as one graph: one guard check per token instead of one per block)."""
+        new_states = []
+        for layer, state in zip(self.layers, states):
+            hidden, new_state = layer(hidden, ctx, state, True)
+            new_states.append(new_state)
+        spikes, final_state = self.final_spikes(hidden, ctx, final_state, True)
+        return hidden, new_states, spikes, final_state
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -234,21 +244,21 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
             hidden = inputs_embeds
 
         all_hidden = [] if output_hidden_states else None
-        compiled = self._decode_step_fns if (self._decode_step_fns and T == 1 and cache is not None
-                                             and not torch.is_grad_enabled()) else None
-        layers = compiled[0] if compiled else self.layers
-        final_spikes = compiled[1] if compiled else self.final_spikes
-        for i, layer in enumerate(layers):
-            if all_hidden is not None:
-                all_hidden.append(hidden.reshape(B, T, -1))
-            state = cache.layers[i] if cache is not None else None
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden, new_state = self._gradient_checkpointing_func(layer.__call__, hidden, ctx, state, use_cache)
-            else:
-                hidden, new_state = layer(hidden, ctx, state, use_cache)
-            if use_cache:
-                cache.layers[i] = new_state
-        spikes, final_state = final_spikes(hidden, ctx, cache.final if use_cache else None, use_cache)
+        if (self._compiled_decode is not None and T == 1 and cache is not None and use_cache
+                and all_hidden is None and not torch.is_grad_enabled()):
+            hidden, cache.layers, spikes, final_state = self._compiled_decode(hidden, ctx, list(cache.layers), cache.final)
+        else:
+            for i, layer in enumerate(self.layers):
+                if all_hidden is not None:
+                    all_hidden.append(hidden.reshape(B, T, -1))
+                state = cache.layers[i] if cache is not None else None
+                if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                    hidden, new_state = self._gradient_checkpointing_func(layer.__call__, hidden, ctx, state, use_cache)
+                else:
+                    hidden, new_state = layer(hidden, ctx, state, use_cache)
+                if use_cache:
+                    cache.layers[i] = new_state
+            spikes, final_state = self.final_spikes(hidden, ctx, cache.final if use_cache else None, use_cache)
         if use_cache:
             cache.final = final_state
             n_new = ctx.valid.long().sum(1) if ctx.valid is not None else torch.full((B,), T, device=hidden.device)
