@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import LOG_DECAY_FLOOR, check_cu_seqlens, decay_logit, dsn_parallel, log_decay, scan, triton_is_available
+from ..ops import (LOG_DECAY_FLOOR, check_cu_seqlens, decay_logit, document_starts, dsn_parallel, log_decay, scan,
+                   triton_is_available)
 from .base import check_choice, check_positive_int, check_sequence_input, check_step_input
 from .spike import SPIKE_MODES, SURROGATES, quantize_spikes
 
@@ -168,7 +169,7 @@ class DSN(nn.Module):
             membrane0 = None if state is None else state.membrane.float()
             xf = x.to(dtype)
             window = torch.cat([self._history(state, B, x.device, dtype), xf], dim=1)
-            starts = None if cu_seqlens is None else _document_starts(cu_seqlens)
+            starts = None if cu_seqlens is None else document_starts(cu_seqlens)
             logit = self._decay_logit(window, T, starts)
         if fused:
             # CUDA: decay, drive, scan and rect spikes in one Triton pass (ops/triton_dsn.py, issue 3)
@@ -214,12 +215,6 @@ class DSN(nn.Module):
         membrane = torch.addcmul(-torch.expm1(log_decay) * x_t.float(), torch.exp(log_decay), state.membrane.float())
         spikes = self.spike(membrane).to(x_t.dtype)
         return spikes, DSNState(membrane, window[:, 1:].to(x_t.dtype))
-
-
-def _document_starts(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Offsets where the non-empty packed documents start."""
-    cu = cu_seqlens.to(torch.long)
-    return cu[:-1][cu[1:] > cu[:-1]]
 
 
 def _packed_conv_history(x: torch.Tensor, cu_seqlens: torch.Tensor, k: int) -> torch.Tensor:

@@ -89,12 +89,17 @@ def _start_rows(doc_starts: torch.Tensor, T: int, k: int):
     return rows[ok], r.expand_as(rows)[ok]
 
 
-def _doc_layout(cu_seqlens: torch.Tensor, T: int, device):
-    cu = cu_seqlens.tolist()
-    starts = [s for s, e in zip(cu, cu[1:]) if e > s]
-    docs = [n for n, (s, e) in enumerate(zip(cu, cu[1:])) if e > s]
-    as_t = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
-    return cu, as_t(starts), as_t(docs)
+def document_starts(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Offsets [n] where the non-empty packed documents start."""
+    cu = cu_seqlens.to(torch.long)
+    return cu[:-1][cu[1:] > cu[:-1]]
+
+
+def _doc_layout(cu_seqlens: torch.Tensor, device):
+    """(offsets as a list, starts of the non-empty documents, their document indices)."""
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    nonempty = cu[1:] > cu[:-1]
+    return cu.tolist(), document_starts(cu), torch.nonzero(nonempty).flatten()
 
 
 def _causal_conv(x, history, w, b, doc_starts):
@@ -148,7 +153,7 @@ class DSNFunction(torch.autograd.Function):
         xf = x.to(dtype)
         w, b = weight.to(dtype), bias.to(dtype)
         hist = x.new_zeros(B, k - 1, C, dtype=dtype) if history is None else history.to(dtype)
-        layout = None if cu_seqlens is None else _doc_layout(cu_seqlens, T, x.device)
+        layout = None if cu_seqlens is None else _doc_layout(cu_seqlens, x.device)
         g = _causal_conv(xf, hist, w, b, None if layout is None else layout[1])
         log_decay(g, tau, out=g)
         drive = torch.expm1(g, out=_scratch("drive", g))
