@@ -394,3 +394,41 @@ def test_compile_decoding_matches_eager_and_leaves_prefill_eager():
     model.train()
     loss = model(ids, labels=ids).loss  # training and prefill stay eager (T > 1)
     loss.backward()
+
+
+def test_firing_loss_adds_the_mean_spike_count_in_training_only():
+    """firing_loss_coef c: training loss = cross-entropy + c x mean spikes per neuron-step (what
+    FiringRateMonitor counts), with gradients through the spikes' surrogate, also under both kinds
+    of activation checkpointing; evaluation reports the plain cross-entropy."""
+    from spikelm.eval import FiringRateMonitor
+
+    ids = torch.randint(0, 97, (2, 16))
+    plain = tiny_model().train()
+    model = tiny_model(firing_loss_coef=0.5).train()
+    with FiringRateMonitor(model) as monitor:
+        out = model(ids, labels=ids)
+    totals = monitor.totals.values()
+    mean_spikes = sum(t["spikes"] for t in totals) / sum(t["elements"] for t in totals)
+    assert out.firing_loss is not None and abs(float(out.firing_loss) - mean_spikes) < 1e-6
+    ce = plain(ids, labels=ids).loss
+    torch.testing.assert_close(out.loss, ce + 0.5 * out.firing_loss)
+    grads = torch.autograd.grad(out.firing_loss, list(model.parameters()), allow_unused=True, retain_graph=True)
+    assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+    out.loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for reentrant in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        again = model(ids, labels=ids)
+        torch.testing.assert_close(again.firing_loss, out.firing_loss)
+        again.loss.backward()
+        for n, p in model.named_parameters():
+            if n in want:
+                torch.testing.assert_close(p.grad, want[n], atol=1e-6, rtol=1e-5)
+    model.eval()
+    evaluated = model(ids, labels=ids)
+    assert evaluated.firing_loss is None
+    torch.testing.assert_close(evaluated.loss, plain.eval()(ids, labels=ids).loss)
+    assert plain.train()(ids, labels=ids).firing_loss is None  # coefficient 0: nothing recorded
+    with pytest.raises(ValueError, match="firing_loss_coef"):
+        SpikeLMConfig(**TINY, firing_loss_coef=-1.0)

@@ -14,13 +14,20 @@ class SequenceContext:
     positions: [B, T] long rotary positions (real token index, restarting at every packed document).
     cu_seqlens: packed documents in one row (B = 1), or None: every state restarts at each boundary.
     doc_ids: [B, T] long document index per position (packed mode), for attention masking.
+    spike_totals: when a list, every neuron layer appends (sum of its spikes, its neuron-steps), for the
+        firing loss (SpikeLMConfig.firing_loss_coef); None records nothing.
     """
 
     valid: torch.Tensor | None
     positions: torch.Tensor
     cu_seqlens: torch.Tensor | None = None
     doc_ids: torch.Tensor | None = None
+    spike_totals: list | None = None
 
     def mask_input(self, x: torch.Tensor) -> torch.Tensor:
         """Zero the padded positions of a neuron's input: a fresh neuron fed zeros stays fresh."""
         return x if self.valid is None else x * self.valid.unsqueeze(-1).to(x.dtype)
+
+    def record_spikes(self, spikes: torch.Tensor) -> None:
+        if self.spike_totals is not None:
+            self.spike_totals.append((spikes.sum(), spikes.numel()))

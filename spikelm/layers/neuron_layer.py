@@ -42,7 +42,12 @@ class NeuronLayer(nn.Module):
         return not isinstance(self.neuron, PSN)
 
     def forward(self, x: torch.Tensor, ctx: SequenceContext, state=None, return_state: bool = False):
-        u = ctx.mask_input(self.norm(x) if self.norm is not None else x)
+        spikes, new_state = self._run(ctx.mask_input(self.norm(x) if self.norm is not None else x), ctx, state,
+                                      return_state)
+        ctx.record_spikes(spikes)
+        return spikes, new_state
+
+    def _run(self, u: torch.Tensor, ctx: SequenceContext, state, return_state: bool):
         if ctx.cu_seqlens is not None:
             return self._packed(u, ctx.cu_seqlens), None
         if isinstance(self.neuron, PSN):

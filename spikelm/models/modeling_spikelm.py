@@ -7,7 +7,7 @@ transformers 5.17 (cache kwarg `past_key_values`) and later 5.x (`cache`).
 from __future__ import annotations
 
 import math
-from dataclasses import field, make_dataclass
+from dataclasses import field, make_dataclass, replace
 from typing import Any
 
 import torch
@@ -33,8 +33,9 @@ def _output_class(name: str, fields: list[str]) -> type:
     return make_dataclass(name, [(f, Any, field(default=None)) for f in fields], bases=(ModelOutput,))
 
 
-SpikeLMModelOutput = _output_class("SpikeLMModelOutput", ["last_hidden_state", CACHE_NAME, "hidden_states"])
-SpikeLMCausalLMOutput = _output_class("SpikeLMCausalLMOutput", ["loss", "logits", CACHE_NAME, "hidden_states"])
+SpikeLMModelOutput = _output_class("SpikeLMModelOutput", ["last_hidden_state", CACHE_NAME, "hidden_states", "firing_loss"])
+SpikeLMCausalLMOutput = _output_class("SpikeLMCausalLMOutput",
+                                      ["loss", "logits", CACHE_NAME, "hidden_states", "firing_loss"])
 
 
 def _pop_cache(kwargs: dict):
@@ -132,6 +133,23 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
             new_states.append(new_state)
         spikes, final_state = self.final_spikes(hidden, ctx, final_state, True)
         return hidden, new_states, spikes, final_state
+
+    def _checkpointed(self, layer, hidden, ctx: SequenceContext, state, use_cache: bool):
+        """layer(...) with activation checkpointing. The firing loss's spike sums leave the layer as an output
+        (not through ctx's list): reentrant checkpointing runs the layer without a graph, so only its
+        outputs carry gradients."""
+        if ctx.spike_totals is None:
+            return self._gradient_checkpointing_func(layer.__call__, hidden, ctx, state, use_cache)
+        inner = replace(ctx, spike_totals=[])
+
+        def run(h):
+            inner.spike_totals.clear()  # (filled again when the backward recomputes the layer)
+            out, new_state = layer(h, inner, state, use_cache)
+            return out, new_state, sum(t for t, _ in inner.spike_totals)
+
+        hidden, new_state, total = self._gradient_checkpointing_func(run, hidden)
+        ctx.spike_totals.append((total, sum(n for _, n in inner.spike_totals)))
+        return hidden, new_state
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -242,6 +260,8 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
                 positions = start[:, None] + (valid.long().cumsum(1) - 1).clamp(min=0)
             ctx = SequenceContext(valid=valid, positions=positions)
             hidden = inputs_embeds
+        if self.config.firing_loss_coef > 0 and self.training and torch.is_grad_enabled():
+            ctx.spike_totals = []
 
         all_hidden = [] if output_hidden_states else None
         if (self._compiled_decode is not None and T == 1 and cache is not None and use_cache
@@ -253,7 +273,7 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
                     all_hidden.append(hidden.reshape(B, T, -1))
                 state = cache.layers[i] if cache is not None else None
                 if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                    hidden, new_state = self._gradient_checkpointing_func(layer.__call__, hidden, ctx, state, use_cache)
+                    hidden, new_state = self._checkpointed(layer, hidden, ctx, state, use_cache)
                 else:
                     hidden, new_state = layer(hidden, ctx, state, use_cache)
                 if use_cache:
@@ -269,6 +289,8 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         if all_hidden is not None:
             all_hidden.append(hidden.reshape(B, T, -1))
         out = SpikeLMModelOutput(last_hidden_state=spikes, hidden_states=tuple(all_hidden) if all_hidden else None)
+        if ctx.spike_totals:  # mean spike count per neuron-step over all neuron layers (element-weighted)
+            out["firing_loss"] = sum(t for t, _ in ctx.spike_totals) / sum(n for _, n in ctx.spike_totals)
         if use_cache:
             out[CACHE_NAME] = cache
         return out if return_dict is not False else out.to_tuple()
@@ -324,11 +346,14 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
                 targets = targets.masked_fill(~attention_mask[:, -labels.shape[1]:][:, 1:].bool(), -100)
             loss = F.cross_entropy(logits_all[:, :-1].float().reshape(-1, logits_all.shape[-1]),
                                    targets.reshape(-1), ignore_index=-100)
+            if out.firing_loss is not None:
+                loss = loss + self.config.firing_loss_coef * out.firing_loss
             logits = logits_all if not logits_to_keep else logits_all[:, -logits_to_keep:]
         else:
             kept = spikes if not logits_to_keep else spikes[:, -logits_to_keep:]
             logits = self.lm_head(kept)
-        result = SpikeLMCausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        result = SpikeLMCausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                       firing_loss=out.firing_loss)
         if out.get(CACHE_NAME) is not None:
             result[CACHE_NAME] = out[CACHE_NAME]
         return result if return_dict is not False else result.to_tuple()
