@@ -330,3 +330,129 @@ def test_fused_function_input_gradient_is_exact_for_long_memory_channels():
     got = torch.autograd.grad((dsn_parallel(xf, w.float(), b.float(), 0.25, 4)[0] * grad.float()).sum(), xf)[0]
     scale = want.abs().amax(dim=(0, 1))  # per channel
     assert ((got.double() - want).abs().amax(dim=(0, 1)) <= 1e-4 * scale + 1e-12).all()
+
+
+# -- the compiled C kernel (ops/cpu_dsn.py): the CPU training path when it builds -------------------------
+from spikelm.ops import cpu_dsn  # noqa: E402
+
+needs_c_kernel = pytest.mark.skipif(not cpu_dsn.available(), reason=f"C kernel: {cpu_dsn.unavailable_reason()}")
+
+
+@needs_c_kernel
+@pytest.mark.parametrize("kernel_size", [1, 2, 4])
+@pytest.mark.parametrize("surrogate", ["rect", "atan"])
+@pytest.mark.parametrize("layout", ["plain", "carried", "packed", "packed_h0"])
+@pytest.mark.parametrize("tau", [0.25, 0.5, 1.0])
+def test_c_kernel_matches_float64_composition(kernel_size, surrogate, layout, tau):
+    """float32 C kernel == float64 autograd of the definition: the same spikes, gradients to float32 rounding."""
+    from spikelm.ops import dsn_parallel
+
+    torch.manual_seed(kernel_size)
+    B, T, C, N = 2, 37, 300, 3  # C > the kernel's channel block (256): two work items per row
+    cu = history = h0 = None
+    if layout.startswith("packed"):
+        B, cu = 1, torch.tensor([0, 1, 1, 9, 10, 30, T])  # an empty document and one-step documents
+        if layout == "packed_h0":
+            h0 = torch.randn(6, C, dtype=torch.float64)
+    elif layout == "carried":
+        history = torch.randn(B, kernel_size - 1, C, dtype=torch.float64)
+        h0 = torch.randn(B, C, dtype=torch.float64)
+    x = 2 * torch.randn(B, T, C, dtype=torch.float64)
+    w = torch.randn(C, kernel_size, dtype=torch.float64)
+    b = torch.randn(C, dtype=torch.float64) + 2
+    b[0] = -30  # one channel always at the decay floor
+    b[1] = 18  # one channel with 1 - alpha ~ 1e-8
+    inputs64 = [t.requires_grad_() for t in (x, w, b, history, h0) if t is not None]
+    inputs32 = [t.detach().float().requires_grad_() for t in inputs64]
+    n_states = h0.shape[0] if h0 is not None else (len(cu) - 1 if cu is not None else B)
+    gs, gl = torch.randn(B, T, C, dtype=torch.float64), torch.randn(n_states, C, dtype=torch.float64)
+
+    def run(tensors, kernel):
+        x_, w_, b_ = tensors[:3]
+        hist_ = tensors[3] if history is not None else None
+        h0_ = tensors[-1] if h0 is not None else None
+        if kernel is None:
+            return _dsn_composition(x_, w_, b_, tau, N, surrogate, hist_, h0_, cu)
+        return dsn_parallel(x_, w_, b_, tau, N, surrogate, history=hist_, initial_state=h0_, cu_seqlens=cu, kernel=kernel)
+
+    s1, last1 = run(inputs32, "c")
+    s2, last2 = run(inputs64, None)
+    assert s1.dtype == torch.float32 and torch.equal(s1.double(), s2)
+    torch.testing.assert_close(last1.double(), last2, atol=1e-5, rtol=1e-5)
+    g1 = torch.autograd.grad((s1 * gs.float()).sum() + (last1 * gl.float()).sum(), inputs32)
+    g2 = torch.autograd.grad((s2 * gs).sum() + (last2 * gl).sum(), inputs64)
+    for a, e in zip(g1, g2):
+        torch.testing.assert_close(a.double(), e, atol=1e-5 * float(e.abs().max()) if e.numel() else 0, rtol=1e-4)
+    assert g1[0].abs().sum() > 0 and g1[1].abs().sum() > 0
+
+
+@needs_c_kernel
+def test_dsn_module_runs_the_c_kernel_with_the_torch_function_results():
+    """backend auto (C kernel) and backend torch (torch Function) agree on spikes, state and gradients, also in
+    bfloat16 and with two threads."""
+    torch.manual_seed(0)
+    fast, ref = DSN(24, kernel_size=4), DSN(24, kernel_size=4, backend="torch")
+    ref.load_state_dict(fast.state_dict())
+    x = 2 * torch.randn(3, 200, 24)
+    grad = torch.randn(3, 200, 24)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads, dtype in [(1, torch.float32), (2, torch.float32), (1, torch.bfloat16)]:
+            torch.set_num_threads(n_threads)
+            results = []
+            for neuron in (fast, ref):
+                xi = x.to(dtype).requires_grad_()
+                s, state = neuron(xi, return_state=True)
+                gx, gw = torch.autograd.grad((s.float() * grad).sum() + state.membrane.sum(), [xi, neuron.conv_weight])
+                results.append((s, state.membrane, gx, gw))
+            (s1, m1, gx1, gw1), (s2, m2, gx2, gw2) = results
+            assert s1.dtype == dtype
+            assert (s1 != s2).float().mean() < 1e-3  # a membrane within rounding of a threshold may round either way
+            torch.testing.assert_close(m1, m2, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(gx1.float(), gx2.float(), atol=2e-2 if dtype == torch.bfloat16 else 1e-4, rtol=1e-2)
+            torch.testing.assert_close(gw1, gw2, atol=1e-2, rtol=1e-3)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_c_kernel_declines_what_it_does_not_compute():
+    """A non-integer 1/tau, float64 or 17 taps go to the torch Function under kernel="auto"; kernel="c" says why."""
+    from spikelm.ops import dsn_parallel
+
+    x = torch.randn(1, 10, 4)
+    w, b = torch.randn(4, 4), torch.randn(4)
+    assert not cpu_dsn.supports(x, 4, 0.3, "rect")
+    assert not cpu_dsn.supports(x.double(), 4, 0.25, "rect")
+    assert not cpu_dsn.supports(x, 17, 0.25, "rect")
+    s_auto, _ = dsn_parallel(x, w, b, 0.3, 4)
+    s_torch, _ = dsn_parallel(x, w, b, 0.3, 4, kernel="torch")
+    assert torch.equal(s_auto, s_torch)
+    with pytest.raises(ValueError, match="C kernel does not run this call"):
+        dsn_parallel(x, w, b, 0.3, 4, kernel="c")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        dsn_parallel(x, w, b, 0.25, 4, kernel="cuda")
+
+
+def test_dsn_falls_back_to_torch_without_the_c_kernel(tmp_path):
+    """SPIKELM_CPU_KERNEL=0 (or no compiler): the DSN still trains, through the torch Function."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from spikelm.ops import cpu_dsn; from spikelm.neurons import DSN\n"
+            "assert not cpu_dsn.available() and 'SPIKELM_CPU_KERNEL=0' in cpu_dsn.unavailable_reason()\n"
+            "x = torch.randn(2, 30, 8, requires_grad=True); DSN(8)(x).sum().backward(); assert x.grad is not None\n")
+    env = dict(__import__("os").environ, SPIKELM_CPU_KERNEL="0", SPIKELM_CACHE_DIR=str(tmp_path))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+@needs_c_kernel
+def test_c_kernel_builds_into_an_empty_cache(tmp_path):
+    """A fresh cache directory: the first use compiles the kernel there (atomically renamed into place)."""
+    import subprocess
+    import sys
+
+    code = "from spikelm.ops import cpu_dsn; assert cpu_dsn.available(), cpu_dsn.unavailable_reason()"
+    env = dict(__import__("os").environ, SPIKELM_CACHE_DIR=str(tmp_path))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    built = list((tmp_path / "kernels").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("dsn_cpu-") and built[0].suffix == ".so"

@@ -49,7 +49,9 @@ class DSN(nn.Module):
         surrogate_alpha: sharpness a of the atan surrogate.
         decay_init_range: (short, long) initial decays spread log-uniformly in 1 - alpha over the
             channels, so the layer starts with memories from ~1/(1-short) to ~1/(1-long) steps.
-        backend: ops.scan backend used by forward ("auto", "torch", "naive", "triton").
+        backend: how forward computes ("auto", "torch", "naive", "triton"): on CPU "auto" runs the compiled
+            C kernel (ops/cpu_dsn.py) where it applies and "torch" the torch Function (ops/torch_dsn.py);
+            "naive" composes ops.scan's reference; on CUDA "auto"/"triton" run the fused Triton kernel.
     """
 
     def __init__(self, channels: int, kernel_size: int = 4, tau: float = 0.25, max_spike: int = 4,
@@ -181,7 +183,8 @@ class DSN(nn.Module):
             # CPU: the whole neuron as one autograd Function with a hand-written backward (ops/torch_dsn.py)
             spikes, last = dsn_parallel(x, self.conv_weight, self.conv_bias, self.tau, self.max_spike, self.surrogate,
                                         self.surrogate_alpha, None if state is None else state.conv,
-                                        None if state is None else state.membrane, cu_seqlens)
+                                        None if state is None else state.membrane, cu_seqlens,
+                                        kernel="torch" if self.backend == "torch" else "auto")
             last = last.float()
         else:  # the composition of ops (return_membrane, or the naive reference backend)
             log_decay = self._log_decay(logit)

@@ -280,16 +280,33 @@ class DSNFunction(torch.autograd.Function):
                 d_history, None if dh0 is None else dh0, None, None, None, None, None)
 
 
+DSN_KERNELS = ("auto", "torch", "c")
+
+
 def dsn_parallel(x, weight, bias, tau: float, max_spike: int, surrogate: str = "rect", surrogate_alpha: float = 2.0,
-                 history=None, initial_state=None, cu_seqlens=None):
+                 history=None, initial_state=None, cu_seqlens=None, kernel: str = "auto"):
     """The DSN over [B, T, C] in one autograd Function (CPU training path of neurons.DSN).
 
     weight [C, k], bias [C]: the decay conv. history [B, k-1, C]: the conv's previous inputs (None: zeros);
     initial_state [B, C] ([N, C] per packed document): the membrane before the first step (None: zeros).
     Returns (spikes in x's dtype, final membrane [B or N, C] float32/64). Differentiable in x, weight,
     bias, history and initial_state; the surrogate ("rect" or "atan") sets dS/dH.
+    kernel: "c" the compiled one-pass kernel (ops/cpu_dsn.py), "torch" the torch Function here, "auto"
+    the C kernel where it supports the call (float32 compute, 1/tau an integer <= 8; see cpu_dsn) and
+    builds on this machine, else torch.
     """
+    from . import cpu_dsn  # noqa: PLC0415 - builds the kernel on first use only
+
+    if kernel not in DSN_KERNELS:
+        raise ValueError(f"dsn_parallel: kernel must be one of {DSN_KERNELS}, got {kernel!r}")
     if cu_seqlens is not None and history is not None:
         raise ValueError("dsn_parallel: packed documents (cu_seqlens) start with an empty conv history; pass no history")
-    return DSNFunction.apply(x, weight, bias, history, initial_state, cu_seqlens, float(tau), int(max_spike),
-                             surrogate, float(surrogate_alpha))
+    args = (x, weight, bias, history, initial_state, cu_seqlens, float(tau), int(max_spike), surrogate,
+            float(surrogate_alpha))
+    if kernel == "c" or (kernel == "auto" and cpu_dsn.supports(x, weight.shape[1], tau, surrogate)):
+        if kernel == "c" and not cpu_dsn.supports(x, weight.shape[1], tau, surrogate):
+            raise ValueError(f"dsn_parallel: the C kernel does not run this call (CPU float32/bf16/fp16 input, "
+                             f"1/tau an integer 1..8, kernel_size <= {cpu_dsn.MAX_TAPS}; "
+                             f"build: {cpu_dsn.unavailable_reason() or 'ok'})")
+        return cpu_dsn.DSNCpuFunction.apply(*args)
+    return DSNFunction.apply(*args)

@@ -1,0 +1,209 @@
+"""The DSN neuron on CPU as a compiled C kernel: one pass over time forward, one backward (csrc/dsn_cpu.c).
+
+The torch Function (ops/torch_dsn.py) makes ~25 passes over [B, T, C] memory per forward and
+backward; on a CPU the neuron is bound by that memory traffic, not by arithmetic. The C kernel walks
+time once per direction with everything else in registers and L1: conv taps, decay, membrane, spike;
+the backward recomputes a' and alpha from X and saves nothing but the membrane H.
+
+Built on first use with the system C compiler (`cc`, or $CC) into a per-user cache
+($SPIKELM_CACHE_DIR, default ~/.cache/spikelm), keyed by the source, the flags and this CPU's
+instruction set (-march=native). Where there is no compiler or the build fails, `available()` is
+False and neurons.DSN uses the torch Function instead (a warning says why, once). Set
+SPIKELM_CPU_KERNEL=0 to turn the kernel off.
+
+Supported: float32 compute (other input dtypes are converted, float64 goes to the torch Function),
+1/tau an integer 1..8 (alpha = sigmoid(a')^(1/tau) as repeated products: tau = 1, 1/2, ..., 1/8),
+kernel_size <= 16, the rect and atan surrogates, carried state, packed documents.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .scan import packed_final_states
+from .torch_scan import empty_buffer
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "dsn_cpu.c"
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
+MAX_TAPS = 16
+_SURROGATE_CODES = {"rect": 0, "atan": 1}
+
+_lock = threading.Lock()
+_lib = None
+_load_error: str | None = None
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SPIKELM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "spikelm")
+    return Path(root) / "kernels"
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (cc, gcc or clang; or set $CC)")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, platform.machine(), _cpu_signature()]).encode())
+    target = _cache_dir() / f"dsn_cpu-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # build under a temporary name, then rename: concurrent processes (DDP ranks) never load a partial file
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            proc = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {proc.stderr.strip()[-2000:]}")
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.dsn_cpu_forward.argtypes = [P] * 7 + [I64] * 3 + [I, I, ctypes.c_float, P, P, I]
+    lib.dsn_cpu_backward.argtypes = [P] * 10 + [P] + [I64] * 3 + [I, I, ctypes.c_float, I, ctypes.c_float] + [P] * 5 + [I]
+    lib.dsn_cpu_forward.restype = lib.dsn_cpu_backward.restype = ctypes.c_int
+    return lib
+
+
+def _load():
+    global _lib, _load_error
+    if _lib is not None or _load_error is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _load_error is None:
+            if os.environ.get("SPIKELM_CPU_KERNEL", "1") == "0":
+                _load_error = "turned off by SPIKELM_CPU_KERNEL=0"
+            else:
+                try:
+                    _lib = _build()
+                except Exception as e:  # noqa: BLE001 - any failure means: use the torch Function
+                    _load_error = f"{type(e).__name__}: {e}"
+                    warnings.warn(f"spikelm: the C kernel of the DSN is unavailable ({_load_error}); "
+                                  "the CPU uses the (slower) torch Function", RuntimeWarning, stacklevel=3)
+    return _lib
+
+
+def available() -> bool:
+    """Whether the compiled kernel loads here (builds it on the first call)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    _load()
+    return _load_error
+
+
+def decay_power(tau: float) -> int | None:
+    """n = 1/tau when it is an integer 1..8 (the kernel's alpha = sigmoid^n), else None."""
+    n = round(1.0 / tau)
+    return n if 1 <= n <= 8 and abs(n * tau - 1.0) < 1e-9 else None
+
+
+def supports(x: torch.Tensor, kernel_size: int, tau: float, surrogate: str) -> bool:
+    """Whether dsn_parallel_cpu computes this call (else the torch Function does)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and kernel_size <= MAX_TAPS and decay_power(tau) is not None and surrogate in _SURROGATE_CODES
+            and available())
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _packed_rows(cu_seqlens: torch.Tensor, T: int):
+    """Per row: its document's first row; the document index at a start row and at a last row (-1 elsewhere)."""
+    cu = cu_seqlens.to(torch.long).cpu()
+    lengths = cu.diff()
+    docs = torch.arange(lengths.numel())
+    row_start = torch.repeat_interleave(cu[:-1], lengths, output_size=T).to(torch.int32)
+    nonempty = lengths > 0
+    start_doc = torch.full((T,), -1, dtype=torch.int32)
+    end_doc = torch.full((T,), -1, dtype=torch.int32)
+    start_doc[cu[:-1][nonempty]] = docs[nonempty].to(torch.int32)
+    end_doc[cu[1:][nonempty] - 1] = docs[nonempty].to(torch.int32)
+    return row_start.contiguous(), start_doc, end_doc
+
+
+class DSNCpuFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, history, h0, cu_seqlens, tau, max_spike, surrogate, surrogate_alpha):
+        lib = _load()
+        B, T, C = x.shape
+        k = weight.shape[1]
+        xf = x.to(torch.float32).contiguous()
+        wT = weight.detach().to(torch.float32).t().contiguous()  # [k, C]: every tap's weights contiguous
+        b = bias.detach().to(torch.float32).contiguous()
+        hist = None if history is None or k == 1 else history.detach().to(torch.float32).contiguous()
+        h0f = None if h0 is None else h0.detach().to(torch.float32).contiguous()
+        rows = None if cu_seqlens is None else _packed_rows(cu_seqlens, T)
+        spikes, H = empty_buffer((B, T, C), torch.float32, "cpu"), empty_buffer((B, T, C), torch.float32, "cpu")
+        n = decay_power(tau)
+        if T:
+            lib.dsn_cpu_forward(xf.data_ptr(), _ptr(hist), _ptr(h0f), wT.data_ptr(), b.data_ptr(),
+                                _ptr(rows[0]) if rows else None, _ptr(rows[1]) if rows else None,
+                                B, T, C, k, n, float(max_spike), spikes.data_ptr(), H.data_ptr(),
+                                torch.get_num_threads())
+        if rows is None:
+            last = H[:, -1].clone() if T else (h0f.clone() if h0f is not None else xf.new_zeros(B, C))
+        else:
+            last = packed_final_states(H, h0f, cu_seqlens.tolist(), C)
+        ctx.save_for_backward(xf, wT, b, hist, h0f, H)
+        ctx.rows = rows
+        ctx.n_states = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        ctx.args = (n, max_spike, surrogate, surrogate_alpha, x.dtype, weight.dtype, k)
+        return spikes.to(x.dtype), last
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_s, grad_last):
+        xf, wT, b, hist, h0f, H = ctx.saved_tensors
+        n, max_spike, surrogate, surrogate_alpha, x_dtype, w_dtype, k = ctx.args
+        rows = ctx.rows
+        B, T, C = xf.shape
+        gs = None if grad_s is None else grad_s.to(torch.float32).contiguous()
+        gl = None if grad_last is None else grad_last.to(torch.float32).contiguous()
+        dx = empty_buffer((B, T, C), torch.float32, "cpu")
+        dw_part, db_part = torch.zeros(B, k, C), torch.zeros(B, C)
+        dh0 = None
+        if ctx.needs_input_grad[4]:  # the kernel writes every document's start row; an empty one passes H0 through
+            dh0 = gl.clone() if gl is not None else torch.zeros(ctx.n_states, C)
+        da_head = torch.zeros(B, k - 1, C) if ctx.needs_input_grad[3] else None
+        if T:
+            _load().dsn_cpu_backward(
+                xf.data_ptr(), _ptr(hist), _ptr(h0f), wT.data_ptr(), b.data_ptr(),
+                *(_ptr(r) for r in (rows if rows is not None else (None, None, None))), H.data_ptr(), _ptr(gs),
+                _ptr(gl), B, T, C, k, n, float(max_spike), _SURROGATE_CODES[surrogate], float(surrogate_alpha),
+                dx.data_ptr(), dw_part.data_ptr(), db_part.data_ptr(), _ptr(dh0), _ptr(da_head),
+                torch.get_num_threads())
+        d_history = None
+        if da_head is not None:
+            # history row m (< k-1) feeds a'_t through tap j = m - t: d hist_m = sum_{t <= m} w_{m-t} d a'_t
+            d_history = torch.zeros(B, k - 1, C)
+            for m in range(k - 1):
+                for t in range(min(m + 1, T)):
+                    d_history[:, m] += wT[m - t] * da_head[:, t]
+        return (dx.to(x_dtype), dw_part.sum(0).t().to(w_dtype), db_part.sum(0).to(w_dtype), d_history, dh0,
+                None, None, None, None, None)
