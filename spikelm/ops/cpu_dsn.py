@@ -129,6 +129,11 @@ def supports(x: torch.Tensor, kernel_size: int, tau: float, surrogate: str) -> b
             and available())
 
 
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("spikelm: the DSN's C kernel could not allocate its per-thread state")
+
+
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
@@ -162,10 +167,10 @@ class DSNCpuFunction(torch.autograd.Function):
         spikes, H = empty_buffer((B, T, C), torch.float32, "cpu"), empty_buffer((B, T, C), torch.float32, "cpu")
         n = decay_power(tau)
         if T:
-            lib.dsn_cpu_forward(xf.data_ptr(), _ptr(hist), _ptr(h0f), wT.data_ptr(), b.data_ptr(),
+            _check(lib.dsn_cpu_forward(xf.data_ptr(), _ptr(hist), _ptr(h0f), wT.data_ptr(), b.data_ptr(),
                                 _ptr(rows[0]) if rows else None, _ptr(rows[1]) if rows else None,
                                 B, T, C, k, n, float(max_spike), spikes.data_ptr(), H.data_ptr(),
-                                torch.get_num_threads())
+                                torch.get_num_threads()))
         if rows is None:
             last = H[:, -1].clone() if T else (h0f.clone() if h0f is not None else xf.new_zeros(B, C))
         else:
@@ -192,12 +197,12 @@ class DSNCpuFunction(torch.autograd.Function):
             dh0 = gl.clone() if gl is not None else torch.zeros(ctx.n_states, C)
         da_head = torch.zeros(B, k - 1, C) if ctx.needs_input_grad[3] else None
         if T:
-            _load().dsn_cpu_backward(
+            _check(_load().dsn_cpu_backward(
                 xf.data_ptr(), _ptr(hist), _ptr(h0f), wT.data_ptr(), b.data_ptr(),
                 *(_ptr(r) for r in (rows if rows is not None else (None, None, None))), H.data_ptr(), _ptr(gs),
                 _ptr(gl), B, T, C, k, n, float(max_spike), _SURROGATE_CODES[surrogate], float(surrogate_alpha),
                 dx.data_ptr(), dw_part.data_ptr(), db_part.data_ptr(), _ptr(dh0), _ptr(da_head),
-                torch.get_num_threads())
+                torch.get_num_threads()))
         d_history = None
         if da_head is not None:
             # history row m (< k-1) feeds a'_t through tap j = m - t: d hist_m = sum_{t <= m} w_{m-t} d a'_t

@@ -7,10 +7,11 @@
      H_t   = alpha H_{t-1} + (1 - alpha) x_t,  S_t = clip(floor(H_t + 1/2), 0, N)
    The backward walks time in reverse with the adjoint u_t = dL/dH_t (u_t = dS_t S'(H_t) + alpha_{t+1} u_{t+1}),
    recomputing a' and alpha from x instead of reading them from memory; it saves nothing but H.
-   Work splits into (row, channel block) items; every inner loop runs over contiguous channels, so the
-   compiler vectorises it (hence a polynomial exp instead of libm's). */
+   Every inner loop runs over contiguous channels (blocks of BLOCK, kept in L1), so the compiler
+   vectorises it (hence a polynomial exp instead of libm's). */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define ALPHA_FLOOR 2.0611536224385579e-09f /* exp(LOG_DECAY_FLOOR), LOG_DECAY_FLOOR = -20 */
@@ -105,130 +106,169 @@ static void logits_of_row(const Problem *p, const float **tap, int64_t c0, int l
     }
 }
 
-/* spikes, H [B, T, C]; returns 0 */
+/* Work items: (row b, a contiguous channel range); each walks time with the whole range per step, so
+   memory streams row after row (a walk down one narrow column of [T, C] would stride across pages). */
+static int64_t channel_parts(int64_t C, int threads) {
+    int64_t parts = threads < 1 ? 1 : threads;
+    int64_t most = (C + 63) / 64; /* at least 64 channels per part */
+    return parts < most ? parts : most;
+}
+
+static void part_range(int64_t C, int64_t parts, int64_t i, int64_t *lo, int64_t *hi) {
+    int64_t width = ((C + parts - 1) / parts + 15) / 16 * 16; /* multiples of 16 channels */
+    *lo = i * width < C ? i * width : C;
+    *hi = (i + 1) * width < C ? (i + 1) * width : C;
+}
+
+/* spikes, H [B, T, C]; returns 0, or 1 when out of memory */
 int dsn_cpu_forward(const float *x, const float *hist, const float *h0, const float *wT, const float *bias,
                     const int32_t *row_start, const int32_t *start_doc, int64_t B, int64_t T, int64_t C, int k, int n,
                     float max_spike, float *spikes, float *H, int threads) {
     Problem p = {x, hist, h0, wT, bias, row_start, start_doc, NULL, B, T, C, k, n, max_spike};
-    int64_t blocks = (C + BLOCK - 1) / BLOCK;
+    int64_t parts = channel_parts(C, threads);
+    int failed = 0;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t item = 0; item < B * blocks; ++item) {
-        int64_t b = item / blocks, c0 = (item % blocks) * BLOCK;
-        int len = (int)(C - c0 < BLOCK ? C - c0 : BLOCK);
-        float zeros[BLOCK] = {0}, h[BLOCK], a[BLOCK], alpha[BLOCK], om[BLOCK], dln[BLOCK];
-        const float *tap[MAX_TAPS];
+    for (int64_t item = 0; item < B * parts; ++item) {
+        int64_t b = item / parts, lo, hi;
+        part_range(C, parts, item % parts, &lo, &hi);
+        int64_t width = hi - lo;
+        if (width <= 0) continue;
+        float *h = malloc(width * sizeof(float));
+        if (!h) { failed = 1; continue; }
+        float zeros[BLOCK] = {0}, a[BLOCK], alpha[BLOCK], om[BLOCK], dln[BLOCK];
+        const float *tap[MAX_TAPS], *tap_c[MAX_TAPS];
         for (int64_t t = 0; t < T; ++t) {
             int64_t doc = start_doc ? start_doc[t] : (t == 0 ? b : -1);
-            if (doc >= 0) { /* a fresh membrane (or the document's initial state) */
-                for (int c = 0; c < len; ++c) h[c] = h0 ? h0[doc * C + c0 + c] : 0.0f;
-            }
-            taps_of_row(&p, b, t, c0, zeros, tap);
-            logits_of_row(&p, tap, c0, len, a);
-            decay_terms(n, len, a, alpha, om, dln);
-            const float *xt = x + (b * T + t) * C + c0;
-            float *Ht = H + (b * T + t) * C + c0, *St = spikes + (b * T + t) * C + c0;
-            for (int c = 0; c < len; ++c) {
-                float hv = alpha[c] * h[c] + om[c] * xt[c];
-                h[c] = hv;
-                Ht[c] = hv;
-                float s = floorf(hv + 0.5f);
-                s = s < 0.0f ? 0.0f : s;
-                St[c] = s > max_spike ? max_spike : s;
+            if (doc >= 0) /* a fresh membrane (or the document's initial state) */
+                for (int64_t c = 0; c < width; ++c) h[c] = h0 ? h0[doc * C + lo + c] : 0.0f;
+            taps_of_row(&p, b, t, lo, zeros, tap);
+            for (int64_t c0 = 0; c0 < width; c0 += BLOCK) {
+                int len = (int)(width - c0 < BLOCK ? width - c0 : BLOCK);
+                for (int j = 0; j < k; ++j) tap_c[j] = tap[j] == zeros ? zeros : tap[j] + c0;
+                logits_of_row(&p, tap_c, lo + c0, len, a);
+                decay_terms(n, len, a, alpha, om, dln);
+                const float *xt = x + (b * T + t) * C + lo + c0;
+                float *Ht = H + (b * T + t) * C + lo + c0, *St = spikes + (b * T + t) * C + lo + c0, *hc = h + c0;
+                for (int c = 0; c < len; ++c) {
+                    float hv = alpha[c] * hc[c] + om[c] * xt[c];
+                    hc[c] = hv;
+                    Ht[c] = hv;
+                    float s = floorf(hv + 0.5f);
+                    s = s < 0.0f ? 0.0f : s;
+                    St[c] = s > max_spike ? max_spike : s;
+                }
             }
         }
+        free(h);
     }
-    return 0;
+    return failed;
 }
 
 /* dx [B, T, C]; dw_part [B, k, C] and db_part [B, C] (summed over B by the caller); dh0 [docs, C] or NULL;
    da_head [B, k-1, C] or NULL (d a' of the first k-1 rows: the caller turns them into the history's gradient).
-   surrogate: 0 rect (1 where 0 <= H <= N), 1 atan (sum over thresholds of (sa/2) / (1 + (pi/2 sa (H - m - 1/2))^2)). */
+   surrogate: 0 rect (1 where 0 <= H <= N), 1 atan (sum over thresholds of (sa/2) / (1 + (pi/2 sa (H - m - 1/2))^2)).
+   Returns 0, or 1 when out of memory. */
 int dsn_cpu_backward(const float *x, const float *hist, const float *h0, const float *wT, const float *bias,
                      const int32_t *row_start, const int32_t *start_doc, const int32_t *end_doc, const float *H,
                      const float *grad_s, const float *grad_last, int64_t B, int64_t T, int64_t C, int k, int n,
                      float max_spike, int surrogate, float sa, float *dx, float *dw_part, float *db_part, float *dh0,
                      float *da_head, int threads) {
     Problem p = {x, hist, h0, wT, bias, row_start, start_doc, end_doc, B, T, C, k, n, max_spike};
-    int64_t blocks = (C + BLOCK - 1) / BLOCK;
+    int64_t parts = channel_parts(C, threads);
     const int km1 = k - 1;
     const float half_pi_sa = 1.57079632679489662f * sa;
+    int failed = 0;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t item = 0; item < B * blocks; ++item) {
-        int64_t b = item / blocks, c0 = (item % blocks) * BLOCK;
-        int len = (int)(C - c0 < BLOCK ? C - c0 : BLOCK);
+    for (int64_t item = 0; item < B * parts; ++item) {
+        int64_t b = item / parts, lo, hi;
+        part_range(C, parts, item % parts, &lo, &hi);
+        int64_t width = hi - lo;
+        if (width <= 0) continue;
+        /* per channel of the range: u_{t+1}, alpha_{t+1}, the ring of d a' of rows t+1 .. t+k-1 (slot row % (k-1),
+           zeroed across a document start), and the conv's weight and bias gradients */
+        float *state = calloc((size_t)width * (3 + 2 * k), sizeof(float));
+        if (!state) { failed = 1; continue; }
+        float *u_next = state, *alpha_next = state + width, *db = state + 2 * width;
+        float *dw = state + 3 * width, *ring = state + (3 + k) * width; /* dw [k][width], ring [k-1][width] */
         float zeros[BLOCK] = {0}, a[BLOCK], alpha[BLOCK], om[BLOCK], dln[BLOCK], u[BLOCK], da[BLOCK];
-        float u_next[BLOCK] = {0}, alpha_next[BLOCK] = {0}, dw[MAX_TAPS][BLOCK], db[BLOCK] = {0};
-        float ring[MAX_TAPS][BLOCK]; /* d a' of rows t+1 .. t+k-1 at slot (row % (k-1)), zero across a document start */
-        const float *tap[MAX_TAPS];
-        memset(dw, 0, sizeof(dw));
-        memset(ring, 0, sizeof(ring));
+        const float *tap[MAX_TAPS], *tap_c[MAX_TAPS];
         for (int64_t t = T - 1; t >= 0; --t) {
             int64_t row = b * T + t;
-            taps_of_row(&p, b, t, c0, zeros, tap);
-            logits_of_row(&p, tap, c0, len, a);
-            decay_terms(n, len, a, alpha, om, dln);
-            const float *Ht = H + row * C + c0, *xt = x + row * C + c0;
-            /* u = dS S'(H) + alpha_{t+1} u_{t+1} (+ the final state's gradient at a document's last row) */
-            if (grad_s) {
-                const float *gs = grad_s + row * C + c0;
-                if (surrogate == 0) {
-                    for (int c = 0; c < len; ++c)
-                        u[c] = (Ht[c] >= 0.0f && Ht[c] <= max_spike ? gs[c] : 0.0f) + alpha_next[c] * u_next[c];
-                } else {
-                    for (int c = 0; c < len; ++c) u[c] = 0.0f;
-                    for (int m = 0; m < (int)max_spike; ++m) {
-                        float th = (float)m + 0.5f;
-                        for (int c = 0; c < len; ++c) {
-                            float z = half_pi_sa * (Ht[c] - th);
-                            u[c] += (0.5f * sa) / (1.0f + z * z);
-                        }
-                    }
-                    for (int c = 0; c < len; ++c) u[c] = gs[c] * u[c] + alpha_next[c] * u_next[c];
-                }
-            } else {
-                for (int c = 0; c < len; ++c) u[c] = alpha_next[c] * u_next[c];
-            }
+            taps_of_row(&p, b, t, lo, zeros, tap);
             int64_t end = end_doc ? end_doc[t] : (t == T - 1 ? b : -1);
-            if (end >= 0 && grad_last)
-                for (int c = 0; c < len; ++c) u[c] += grad_last[end * C + c0 + c];
             int64_t doc = start_doc ? start_doc[t] : (t == 0 ? b : -1);
-            /* d a' = u (H_{t-1} - x_t) d alpha / d a',  d alpha / d a' = alpha dln */
-            if (doc >= 0) {
-                for (int c = 0; c < len; ++c) {
-                    float prev = h0 ? h0[doc * C + c0 + c] : 0.0f;
-                    da[c] = u[c] * (prev - xt[c]) * alpha[c] * dln[c];
+            for (int64_t c0 = 0; c0 < width; c0 += BLOCK) {
+                int len = (int)(width - c0 < BLOCK ? width - c0 : BLOCK);
+                int64_t off = lo + c0; /* channel offset in the full row */
+                for (int j = 0; j < k; ++j) tap_c[j] = tap[j] == zeros ? zeros : tap[j] + c0;
+                logits_of_row(&p, tap_c, off, len, a);
+                decay_terms(n, len, a, alpha, om, dln);
+                const float *Ht = H + row * C + off, *xt = x + row * C + off;
+                float *un = u_next + c0, *an = alpha_next + c0;
+                /* u = dS S'(H) + alpha_{t+1} u_{t+1} (+ the final state's gradient at a document's last row) */
+                if (grad_s) {
+                    const float *gs = grad_s + row * C + off;
+                    if (surrogate == 0) {
+                        for (int c = 0; c < len; ++c)
+                            u[c] = (Ht[c] >= 0.0f && Ht[c] <= max_spike ? gs[c] : 0.0f) + an[c] * un[c];
+                    } else {
+                        for (int c = 0; c < len; ++c) u[c] = 0.0f;
+                        for (int m = 0; m < (int)max_spike; ++m) {
+                            float th = (float)m + 0.5f;
+                            for (int c = 0; c < len; ++c) {
+                                float z = half_pi_sa * (Ht[c] - th);
+                                u[c] += (0.5f * sa) / (1.0f + z * z);
+                            }
+                        }
+                        for (int c = 0; c < len; ++c) u[c] = gs[c] * u[c] + an[c] * un[c];
+                    }
+                } else {
+                    for (int c = 0; c < len; ++c) u[c] = an[c] * un[c];
                 }
-                if (dh0)
-                    for (int c = 0; c < len; ++c) dh0[doc * C + c0 + c] = alpha[c] * u[c];
-            } else {
-                const float *Hp = Ht - C;
-                for (int c = 0; c < len; ++c) da[c] = u[c] * (Hp[c] - xt[c]) * alpha[c] * dln[c];
+                if (end >= 0 && grad_last)
+                    for (int c = 0; c < len; ++c) u[c] += grad_last[end * C + off + c];
+                /* d a' = u (H_{t-1} - x_t) d alpha / d a',  d alpha / d a' = alpha dln */
+                if (doc >= 0) {
+                    for (int c = 0; c < len; ++c) {
+                        float prev = h0 ? h0[doc * C + off + c] : 0.0f;
+                        da[c] = u[c] * (prev - xt[c]) * alpha[c] * dln[c];
+                    }
+                    if (dh0)
+                        for (int c = 0; c < len; ++c) dh0[doc * C + off + c] = alpha[c] * u[c];
+                } else {
+                    const float *Hp = Ht - C;
+                    for (int c = 0; c < len; ++c) da[c] = u[c] * (Hp[c] - xt[c]) * alpha[c] * dln[c];
+                }
+                /* dx_t = (1 - alpha) u + sum_m w_{k-1-m} d a'_{t+m} (the conv's transpose) */
+                float *dxt = dx + row * C + off;
+                const float *wl = p.wT + (int64_t)km1 * C + off;
+                for (int c = 0; c < len; ++c) dxt[c] = om[c] * u[c] + wl[c] * da[c];
+                for (int m = 1; m <= km1; ++m) {
+                    const float *wm = p.wT + (int64_t)(km1 - m) * C + off;
+                    const float *r = ring + ((t + m) % km1) * width + c0;
+                    for (int c = 0; c < len; ++c) dxt[c] += wm[c] * r[c];
+                }
+                for (int j = 0; j < k; ++j) {
+                    const float *tj = tap_c[j];
+                    float *dwj = dw + j * width + c0;
+                    for (int c = 0; c < len; ++c) dwj[c] += da[c] * tj[c];
+                }
+                for (int c = 0; c < len; ++c) db[c0 + c] += da[c];
+                if (da_head && t < km1) memcpy(da_head + ((b * km1) + t) * C + off, da, len * sizeof(float));
+                if (doc < 0) {
+                    if (km1 > 0) memcpy(ring + (t % km1) * width + c0, da, len * sizeof(float));
+                    memcpy(an, alpha, len * sizeof(float));
+                    memcpy(un, u, len * sizeof(float));
+                }
             }
-            /* dx_t = (1 - alpha) u + sum_m w_{k-1-m} d a'_{t+m} (the conv's transpose) */
-            float *dxt = dx + row * C + c0;
-            const float *wl = p.wT + (int64_t)km1 * C + c0;
-            for (int c = 0; c < len; ++c) dxt[c] = om[c] * u[c] + wl[c] * da[c];
-            for (int m = 1; m <= km1; ++m) {
-                const float *wm = p.wT + (int64_t)(km1 - m) * C + c0, *r = ring[(t + m) % km1];
-                for (int c = 0; c < len; ++c) dxt[c] += wm[c] * r[c];
-            }
-            for (int j = 0; j < k; ++j) {
-                const float *tj = tap[j];
-                for (int c = 0; c < len; ++c) dw[j][c] += da[c] * tj[c];
-            }
-            for (int c = 0; c < len; ++c) db[c] += da[c];
-            if (da_head && t < km1) memcpy(da_head + ((b * km1) + t) * C + c0, da, len * sizeof(float));
             if (doc >= 0) { /* the previous row belongs to another document: nothing flows back into it */
-                memset(ring, 0, sizeof(ring));
-                for (int c = 0; c < len; ++c) alpha_next[c] = 0.0f, u_next[c] = 0.0f;
-            } else {
-                if (km1 > 0) memcpy(ring[t % km1], da, len * sizeof(float));
-                memcpy(alpha_next, alpha, len * sizeof(float));
-                memcpy(u_next, u, len * sizeof(float));
+                memset(ring, 0, (size_t)km1 * width * sizeof(float));
+                memset(u_next, 0, 2 * width * sizeof(float)); /* u_next and alpha_next */
             }
         }
-        for (int j = 0; j < k; ++j) memcpy(dw_part + (b * k + j) * C + c0, dw[j], len * sizeof(float));
-        memcpy(db_part + b * C + c0, db, len * sizeof(float));
+        for (int j = 0; j < k; ++j) memcpy(dw_part + (b * k + j) * C + lo, dw + j * width, width * sizeof(float));
+        memcpy(db_part + b * C + lo, db, width * sizeof(float));
+        free(state);
     }
-    return 0;
+    return failed;
 }
