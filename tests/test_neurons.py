@@ -415,6 +415,25 @@ def test_dsn_module_runs_the_c_kernel_with_the_torch_function_results():
         torch.set_num_threads(threads)
 
 
+@needs_c_kernel
+def test_c_kernel_reads_a_strided_input_in_place():
+    """One half of a projection's output (channels contiguous, rows strided) gives what its copy gives."""
+    from spikelm.ops import dsn_parallel
+
+    both = (2 * torch.randn(2, 50, 2 * 40)).requires_grad_()
+    w, b = torch.randn(40, 4), torch.randn(40) + 2
+    grad = torch.randn(2, 50, 40)
+    view = both[..., 40:]
+    copy = view.detach().contiguous().requires_grad_()
+    assert not view.is_contiguous()
+    s1, last1 = dsn_parallel(view, w, b, 0.25, 4, kernel="c")
+    s2, last2 = dsn_parallel(copy, w, b, 0.25, 4, kernel="c")
+    assert torch.equal(s1, s2) and torch.equal(last1, last2)
+    g1 = torch.autograd.grad((s1 * grad).sum() + last1.sum(), both)[0]
+    g2 = torch.autograd.grad((s2 * grad).sum() + last2.sum(), copy)[0]
+    assert torch.equal(g1[..., 40:], g2) and not g1[..., :40].any()
+
+
 def test_c_kernel_declines_what_it_does_not_compute():
     """A non-integer 1/tau, float64 or 17 taps go to the torch Function under kernel="auto"; kernel="c" says why."""
     from spikelm.ops import dsn_parallel

@@ -82,8 +82,8 @@ def _build() -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.dsn_cpu_forward.argtypes = [P] * 7 + [I64] * 3 + [I, I, ctypes.c_float, P, P, I]
-    lib.dsn_cpu_backward.argtypes = [P] * 10 + [P] + [I64] * 3 + [I, I, ctypes.c_float, I, ctypes.c_float] + [P] * 5 + [I]
+    lib.dsn_cpu_forward.argtypes = [P] * 7 + [I64] * 5 + [I, I, ctypes.c_float, P, P, I]
+    lib.dsn_cpu_backward.argtypes = [P] * 11 + [I64] * 5 + [I, I, ctypes.c_float, I, ctypes.c_float] + [P] * 5 + [I]
     lib.dsn_cpu_forward.restype = lib.dsn_cpu_backward.restype = ctypes.c_int
     return lib
 
@@ -129,6 +129,12 @@ def supports(x: torch.Tensor, kernel_size: int, tau: float, surrogate: str) -> b
             and available())
 
 
+def _rows_with_contiguous_channels(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its channels are contiguous (a chunk of a projection's output is read in place: copying
+    a fresh [B, T, C] costs its page faults), else a contiguous copy."""
+    return x if x.stride(2) == 1 or x.shape[2] == 1 else x.contiguous()
+
+
 def _check(status: int) -> None:
     if status != 0:
         raise MemoryError("spikelm: the DSN's C kernel could not allocate its per-thread state")
@@ -158,7 +164,7 @@ class DSNCpuFunction(torch.autograd.Function):
         lib = _load()
         B, T, C = x.shape
         k = weight.shape[1]
-        xf = x.to(torch.float32).contiguous()
+        xf = _rows_with_contiguous_channels(x.to(torch.float32))
         wT = weight.detach().to(torch.float32).t().contiguous()  # [k, C]: every tap's weights contiguous
         b = bias.detach().to(torch.float32).contiguous()
         hist = None if history is None or k == 1 else history.detach().to(torch.float32).contiguous()
@@ -169,7 +175,8 @@ class DSNCpuFunction(torch.autograd.Function):
         if T:
             _check(lib.dsn_cpu_forward(xf.data_ptr(), _ptr(hist), _ptr(h0f), wT.data_ptr(), b.data_ptr(),
                                 _ptr(rows[0]) if rows else None, _ptr(rows[1]) if rows else None,
-                                B, T, C, k, n, float(max_spike), spikes.data_ptr(), H.data_ptr(),
+                                B, T, C, xf.stride(0), xf.stride(1), k, n, float(max_spike), spikes.data_ptr(),
+                                H.data_ptr(),
                                 torch.get_num_threads()))
         if rows is None:
             last = H[:, -1].clone() if T else (h0f.clone() if h0f is not None else xf.new_zeros(B, C))
@@ -200,7 +207,8 @@ class DSNCpuFunction(torch.autograd.Function):
             _check(_load().dsn_cpu_backward(
                 xf.data_ptr(), _ptr(hist), _ptr(h0f), wT.data_ptr(), b.data_ptr(),
                 *(_ptr(r) for r in (rows if rows is not None else (None, None, None))), H.data_ptr(), _ptr(gs),
-                _ptr(gl), B, T, C, k, n, float(max_spike), _SURROGATE_CODES[surrogate], float(surrogate_alpha),
+                _ptr(gl), B, T, C, xf.stride(0), xf.stride(1), k, n, float(max_spike), _SURROGATE_CODES[surrogate],
+                float(surrogate_alpha),
                 dx.data_ptr(), dw_part.data_ptr(), db_part.data_ptr(), _ptr(dh0), _ptr(da_head),
                 torch.get_num_threads()))
         d_history = None

@@ -75,7 +75,7 @@ static void decay_terms(int n, int len, const float *a, float *alpha, float *om,
 typedef struct {
     const float *x, *hist, *h0, *wT, *bias;
     const int32_t *row_start, *start_doc, *end_doc; /* packed (B = 1): per row; NULL for independent rows */
-    int64_t B, T, C;
+    int64_t B, T, C, sxb, sxt; /* x's strides of rows and time steps (channels are contiguous) */
     int k, n;
     float max_spike;
 } Problem;
@@ -86,7 +86,7 @@ static void taps_of_row(const Problem *p, int64_t b, int64_t t, int64_t c0, cons
         int64_t tt = t - (p->k - 1 - j);
         int64_t first = p->row_start ? p->row_start[t] : 0;
         if (tt >= first)
-            tap[j] = p->x + (b * p->T + tt) * p->C + c0;
+            tap[j] = p->x + b * p->sxb + tt * p->sxt + c0;
         else if (!p->row_start && p->hist)
             tap[j] = p->hist + (b * (p->k - 1) + (p->k - 1) + tt) * p->C + c0;
         else
@@ -120,11 +120,12 @@ static void part_range(int64_t C, int64_t parts, int64_t i, int64_t *lo, int64_t
     *hi = (i + 1) * width < C ? (i + 1) * width : C;
 }
 
-/* spikes, H [B, T, C]; returns 0, or 1 when out of memory */
+/* x [B, T, C] with strides (sxb, sxt, 1) (e.g. one half of a projection's output, read in place);
+   spikes, H [B, T, C] contiguous. Returns 0, or 1 when out of memory. */
 int dsn_cpu_forward(const float *x, const float *hist, const float *h0, const float *wT, const float *bias,
-                    const int32_t *row_start, const int32_t *start_doc, int64_t B, int64_t T, int64_t C, int k, int n,
-                    float max_spike, float *spikes, float *H, int threads) {
-    Problem p = {x, hist, h0, wT, bias, row_start, start_doc, NULL, B, T, C, k, n, max_spike};
+                    const int32_t *row_start, const int32_t *start_doc, int64_t B, int64_t T, int64_t C, int64_t sxb,
+                    int64_t sxt, int k, int n, float max_spike, float *spikes, float *H, int threads) {
+    Problem p = {x, hist, h0, wT, bias, row_start, start_doc, NULL, B, T, C, sxb, sxt, k, n, max_spike};
     int64_t parts = channel_parts(C, threads);
     int failed = 0;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -147,7 +148,7 @@ int dsn_cpu_forward(const float *x, const float *hist, const float *h0, const fl
                 for (int j = 0; j < k; ++j) tap_c[j] = tap[j] == zeros ? zeros : tap[j] + c0;
                 logits_of_row(&p, tap_c, lo + c0, len, a);
                 decay_terms(n, len, a, alpha, om, dln);
-                const float *xt = x + (b * T + t) * C + lo + c0;
+                const float *xt = x + b * sxb + t * sxt + lo + c0;
                 float *Ht = H + (b * T + t) * C + lo + c0, *St = spikes + (b * T + t) * C + lo + c0, *hc = h + c0;
                 for (int c = 0; c < len; ++c) {
                     float hv = alpha[c] * hc[c] + om[c] * xt[c];
@@ -170,10 +171,10 @@ int dsn_cpu_forward(const float *x, const float *hist, const float *h0, const fl
    Returns 0, or 1 when out of memory. */
 int dsn_cpu_backward(const float *x, const float *hist, const float *h0, const float *wT, const float *bias,
                      const int32_t *row_start, const int32_t *start_doc, const int32_t *end_doc, const float *H,
-                     const float *grad_s, const float *grad_last, int64_t B, int64_t T, int64_t C, int k, int n,
-                     float max_spike, int surrogate, float sa, float *dx, float *dw_part, float *db_part, float *dh0,
-                     float *da_head, int threads) {
-    Problem p = {x, hist, h0, wT, bias, row_start, start_doc, end_doc, B, T, C, k, n, max_spike};
+                     const float *grad_s, const float *grad_last, int64_t B, int64_t T, int64_t C, int64_t sxb,
+                     int64_t sxt, int k, int n, float max_spike, int surrogate, float sa, float *dx, float *dw_part,
+                     float *db_part, float *dh0, float *da_head, int threads) {
+    Problem p = {x, hist, h0, wT, bias, row_start, start_doc, end_doc, B, T, C, sxb, sxt, k, n, max_spike};
     int64_t parts = channel_parts(C, threads);
     const int km1 = k - 1;
     const float half_pi_sa = 1.57079632679489662f * sa;
@@ -203,7 +204,7 @@ int dsn_cpu_backward(const float *x, const float *hist, const float *h0, const f
                 for (int j = 0; j < k; ++j) tap_c[j] = tap[j] == zeros ? zeros : tap[j] + c0;
                 logits_of_row(&p, tap_c, off, len, a);
                 decay_terms(n, len, a, alpha, om, dln);
-                const float *Ht = H + row * C + off, *xt = x + row * C + off;
+                const float *Ht = H + row * C + off, *xt = x + b * sxb + t * sxt + off;
                 float *un = u_next + c0, *an = alpha_next + c0;
                 /* u = dS S'(H) + alpha_{t+1} u_{t+1} (+ the final state's gradient at a document's last row) */
                 if (grad_s) {
