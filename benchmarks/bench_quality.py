@@ -179,7 +179,7 @@ def train(model, train_ids: torch.Tensor, args, name: str) -> dict:
         point = {"step": step + 1, "loss": lv, "time_s": time.time() - t0}
         firing = getattr(out, "firing_loss", None)
         if firing is not None:  # the curve keeps the cross-entropy, comparable across models
-            point["firing_loss"] = float(firing)
+            point["firing_loss"] = firing.item()
             point["loss"] = lv = lv - model.config.firing_loss_coef * point["firing_loss"]
         ema = lv if ema is None else 0.95 * ema + 0.05 * lv
         curve.append(point)
