@@ -433,5 +433,9 @@ def test_firing_loss_adds_the_mean_spike_count_in_training_only():
     assert evaluated.firing_loss is None
     torch.testing.assert_close(evaluated.loss, plain.eval()(ids, labels=ids).loss)
     assert plain.train()(ids, labels=ids).firing_loss is None  # coefficient 0: nothing recorded
+    model.train()  # left padding does not dilute the loss: only real positions count
+    padded = torch.cat([torch.zeros(2, 16, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(2, 16, dtype=torch.long), torch.ones(2, 16, dtype=torch.long)], dim=1)
+    torch.testing.assert_close(model(padded, attention_mask=mask, labels=padded).firing_loss, out.firing_loss)
     with pytest.raises(ValueError, match="firing_loss_coef"):
         SpikeLMConfig(**TINY, firing_loss_coef=-1.0)

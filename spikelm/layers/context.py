@@ -29,5 +29,7 @@ class SequenceContext:
         return x if self.valid is None else x * self.valid.unsqueeze(-1).to(x.dtype)
 
     def record_spikes(self, spikes: torch.Tensor) -> None:
+        """Add a neuron layer's [B, T, C] spikes to spike_totals, counting real (unpadded) positions only."""
         if self.spike_totals is not None:
-            self.spike_totals.append((spikes.sum(), spikes.numel()))
+            steps = spikes.shape[0] * spikes.shape[1] if self.valid is None else self.valid.sum()
+            self.spike_totals.append((spikes.sum(), steps * spikes.shape[2]))

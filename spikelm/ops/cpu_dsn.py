@@ -73,9 +73,11 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            proc = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+            proc = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                                  timeout=300)
             if proc.returncode != 0:
                 raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {proc.stderr.strip()[-2000:]}")
+            os.chmod(tmp, 0o755)  # mkstemp made it private: a shared cache directory serves every user
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -102,7 +104,7 @@ def _load():
                 except Exception as e:  # noqa: BLE001 - any failure means: use the torch Function
                     _load_error = f"{type(e).__name__}: {e}"
                     warnings.warn(f"spikelm: the C kernel of the DSN is unavailable ({_load_error}); "
-                                  "the CPU uses the (slower) torch Function", RuntimeWarning, stacklevel=3)
+                                  "the CPU uses the (slower) torch Function", RuntimeWarning, stacklevel=2)
     return _lib
 
 

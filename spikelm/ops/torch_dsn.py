@@ -301,6 +301,9 @@ def dsn_parallel(x, weight, bias, tau: float, max_spike: int, surrogate: str = "
         raise ValueError(f"dsn_parallel: kernel must be one of {DSN_KERNELS}, got {kernel!r}")
     if cu_seqlens is not None and history is not None:
         raise ValueError("dsn_parallel: packed documents (cu_seqlens) start with an empty conv history; pass no history")
+    if cu_seqlens is not None and x.shape[0] != 1:
+        raise ValueError(f"dsn_parallel: packed documents (cu_seqlens) lie in one row (batch size 1), got batch size "
+                         f"{x.shape[0]}")
     args = (x, weight, bias, history, initial_state, cu_seqlens, float(tau), int(max_spike), surrogate,
             float(surrogate_alpha))
     if kernel == "c" or (kernel == "auto" and cpu_dsn.supports(x, weight.shape[1], tau, surrogate)):

@@ -5,6 +5,9 @@
      alpha = max(sigmoid(a')^n, e^-20), n = 1/tau   (1 - alpha = sigmoid(-a') (1 + s + ... + s^(n-1)), s = sigmoid(a'),
                                                      exact near alpha = 1 where 1 - s^n would cancel)
      H_t   = alpha H_{t-1} + (1 - alpha) x_t,  S_t = clip(floor(H_t + 1/2), 0, N)
+   The recurrences read only 1 - alpha: H_t = H_{t-1} + (1 - alpha)(x_t - H_{t-1}) and alpha u = u - (1 - alpha) u.
+   A float32 alpha near 1 carries an absolute rounding error of ~6e-8, a relative error of 6e-8 / (1 - alpha)
+   in the memory's time constant (1 % at 1 - alpha = 6e-6), which compounds over long sequences.
    The backward walks time in reverse with the adjoint u_t = dL/dH_t (u_t = dS_t S'(H_t) + alpha_{t+1} u_{t+1}),
    recomputing a' and alpha from x instead of reading them from memory; it saves nothing but H.
    Every inner loop runs over contiguous channels (blocks of BLOCK, kept in L1), so the compiler
@@ -135,7 +138,11 @@ int dsn_cpu_forward(const float *x, const float *hist, const float *h0, const fl
         int64_t width = hi - lo;
         if (width <= 0) continue;
         float *h = malloc(width * sizeof(float));
-        if (!h) { failed = 1; continue; }
+        if (!h) {
+#pragma omp atomic write
+            failed = 1;
+            continue;
+        }
         float zeros[BLOCK] = {0}, a[BLOCK], alpha[BLOCK], om[BLOCK], dln[BLOCK];
         const float *tap[MAX_TAPS], *tap_c[MAX_TAPS];
         for (int64_t t = 0; t < T; ++t) {
@@ -151,7 +158,7 @@ int dsn_cpu_forward(const float *x, const float *hist, const float *h0, const fl
                 const float *xt = x + b * sxb + t * sxt + lo + c0;
                 float *Ht = H + (b * T + t) * C + lo + c0, *St = spikes + (b * T + t) * C + lo + c0, *hc = h + c0;
                 for (int c = 0; c < len; ++c) {
-                    float hv = alpha[c] * hc[c] + om[c] * xt[c];
+                    float hv = hc[c] + om[c] * (xt[c] - hc[c]); /* not alpha h + om x: see the header */
                     hc[c] = hv;
                     Ht[c] = hv;
                     float s = floorf(hv + 0.5f);
@@ -188,8 +195,12 @@ int dsn_cpu_backward(const float *x, const float *hist, const float *h0, const f
         /* per channel of the range: u_{t+1}, alpha_{t+1}, the ring of d a' of rows t+1 .. t+k-1 (slot row % (k-1),
            zeroed across a document start), and the conv's weight and bias gradients */
         float *state = calloc((size_t)width * (3 + 2 * k), sizeof(float));
-        if (!state) { failed = 1; continue; }
-        float *u_next = state, *alpha_next = state + width, *db = state + 2 * width;
+        if (!state) {
+#pragma omp atomic write
+            failed = 1;
+            continue;
+        }
+        float *u_next = state, *om_next = state + width, *db = state + 2 * width;
         float *dw = state + 3 * width, *ring = state + (3 + k) * width; /* dw [k][width], ring [k-1][width] */
         float zeros[BLOCK] = {0}, a[BLOCK], alpha[BLOCK], om[BLOCK], dln[BLOCK], u[BLOCK], da[BLOCK];
         const float *tap[MAX_TAPS], *tap_c[MAX_TAPS];
@@ -205,13 +216,13 @@ int dsn_cpu_backward(const float *x, const float *hist, const float *h0, const f
                 logits_of_row(&p, tap_c, off, len, a);
                 decay_terms(n, len, a, alpha, om, dln);
                 const float *Ht = H + row * C + off, *xt = x + b * sxb + t * sxt + off;
-                float *un = u_next + c0, *an = alpha_next + c0;
+                float *un = u_next + c0, *on = om_next + c0; /* alpha_{t+1} u_{t+1} = un - on un */
                 /* u = dS S'(H) + alpha_{t+1} u_{t+1} (+ the final state's gradient at a document's last row) */
                 if (grad_s) {
                     const float *gs = grad_s + row * C + off;
                     if (surrogate == 0) {
                         for (int c = 0; c < len; ++c)
-                            u[c] = (Ht[c] >= 0.0f && Ht[c] <= max_spike ? gs[c] : 0.0f) + an[c] * un[c];
+                            u[c] = (Ht[c] >= 0.0f && Ht[c] <= max_spike ? gs[c] : 0.0f) + (un[c] - on[c] * un[c]);
                     } else {
                         for (int c = 0; c < len; ++c) u[c] = 0.0f;
                         for (int m = 0; m < (int)max_spike; ++m) {
@@ -221,10 +232,10 @@ int dsn_cpu_backward(const float *x, const float *hist, const float *h0, const f
                                 u[c] += (0.5f * sa) / (1.0f + z * z);
                             }
                         }
-                        for (int c = 0; c < len; ++c) u[c] = gs[c] * u[c] + an[c] * un[c];
+                        for (int c = 0; c < len; ++c) u[c] = gs[c] * u[c] + (un[c] - on[c] * un[c]);
                     }
                 } else {
-                    for (int c = 0; c < len; ++c) u[c] = an[c] * un[c];
+                    for (int c = 0; c < len; ++c) u[c] = un[c] - on[c] * un[c];
                 }
                 if (end >= 0 && grad_last)
                     for (int c = 0; c < len; ++c) u[c] += grad_last[end * C + off + c];
@@ -258,13 +269,13 @@ int dsn_cpu_backward(const float *x, const float *hist, const float *h0, const f
                 if (da_head && t < km1) memcpy(da_head + ((b * km1) + t) * C + off, da, len * sizeof(float));
                 if (doc < 0) {
                     if (km1 > 0) memcpy(ring + (t % km1) * width + c0, da, len * sizeof(float));
-                    memcpy(an, alpha, len * sizeof(float));
+                    memcpy(on, om, len * sizeof(float));
                     memcpy(un, u, len * sizeof(float));
                 }
             }
             if (doc >= 0) { /* the previous row belongs to another document: nothing flows back into it */
                 memset(ring, 0, (size_t)km1 * width * sizeof(float));
-                memset(u_next, 0, 2 * width * sizeof(float)); /* u_next and alpha_next */
+                memset(u_next, 0, width * sizeof(float));
             }
         }
         for (int j = 0; j < k; ++j) memcpy(dw_part + (b * k + j) * C + lo, dw + j * width, width * sizeof(float));
