@@ -439,3 +439,22 @@ def test_firing_loss_adds_the_mean_spike_count_in_training_only():
     torch.testing.assert_close(model(padded, attention_mask=mask, labels=padded).firing_loss, out.firing_loss)
     with pytest.raises(ValueError, match="firing_loss_coef"):
         SpikeLMConfig(**TINY, firing_loss_coef=-1.0)
+
+
+def test_firing_loss_target_spares_layers_below_it():
+    """firing_loss_target r: each neuron layer pays only for what it fires above r spikes per neuron-step,
+    also under activation checkpointing."""
+    from spikelm.eval import FiringRateMonitor
+
+    ids = torch.randint(0, 97, (2, 16))
+    model = tiny_model(firing_loss_coef=1.0, firing_loss_target=0.5).train()
+    with FiringRateMonitor(model) as monitor:
+        out = model(ids, labels=ids)
+    layers = list(monitor.totals.values())
+    assert any(t["spikes"] < 0.5 * t["elements"] for t in layers) and any(t["spikes"] > 0.5 * t["elements"] for t in layers)
+    want = sum(max(0.0, t["spikes"] - 0.5 * t["elements"]) for t in layers) / sum(t["elements"] for t in layers)
+    assert abs(out.firing_loss.item() - want) < 1e-6
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    torch.testing.assert_close(model(ids, labels=ids).firing_loss, out.firing_loss)
+    with pytest.raises(ValueError, match="firing_loss_target"):
+        SpikeLMConfig(**TINY, firing_loss_target=float("nan"))

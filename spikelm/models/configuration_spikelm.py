@@ -44,6 +44,9 @@ class SpikeLMConfig(PreTrainedConfig):
             an integer spike S unfolds into (S events), which is what synaptic operations and the
             energy estimate count. Pushes the model to carry its information in fewer spikes
             (like the auxiliary router loss of MoE models); only added in training mode.
+        firing_loss_target: per neuron layer, the mean spike count per neuron-step below which the
+            firing loss stops pushing (0: none). Without it the loss can silence whole sub-layers:
+            a neuron held below 0 gets no gradient from the rect surrogate and never recovers.
     """
 
     model_type = "spikelm"
@@ -56,7 +59,8 @@ class SpikeLMConfig(PreTrainedConfig):
                  ssm_expand: int = 2, mlp_ratio: int = 4, intermediate_size: int | None = None,
                  num_attention_heads: int = 8, attention_window: int | None = 2048, rope_theta: float = 10000.0,
                  rms_norm_eps: float = 1e-5, tie_word_embeddings: bool = True, initializer_range: float = 0.02,
-                 use_cache: bool = True, firing_loss_coef: float = 0.0, pad_token_id: int | None = None,
+                 use_cache: bool = True, firing_loss_coef: float = 0.0, firing_loss_target: float = 0.0,
+                 pad_token_id: int | None = None,
                  bos_token_id: int | None = None, eos_token_id: int | None = None, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -83,6 +87,7 @@ class SpikeLMConfig(PreTrainedConfig):
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         self.firing_loss_coef = firing_loss_coef
+        self.firing_loss_target = firing_loss_target
         self._validate()
         super().__init__(tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id,
                          bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
@@ -107,9 +112,10 @@ class SpikeLMConfig(PreTrainedConfig):
             positive_int(name)
         for name in ("tau", "rope_theta", "rms_norm_eps", "initializer_range"):
             positive_float(name)
-        c = self.firing_loss_coef
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
-            raise ValueError(f"SpikeLMConfig.firing_loss_coef must be a finite number >= 0, got {c!r}")
+        for name in ("firing_loss_coef", "firing_loss_target"):
+            c = getattr(self, name)
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
+                raise ValueError(f"SpikeLMConfig.{name} must be a finite number >= 0, got {c!r}")
         choice("neuron_type", NEURON_TYPES)
         choice("spike_mode", SPIKE_MODES)
         choice("surrogate", SURROGATES)

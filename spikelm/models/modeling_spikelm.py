@@ -134,6 +134,15 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         spikes, final_state = self.final_spikes(hidden, ctx, final_state, True)
         return hidden, new_states, spikes, final_state
 
+    def _firing_loss(self, totals: list) -> torch.Tensor:
+        """Mean spike count per neuron-step over all neuron layers (each layer weighted by its neuron-steps),
+        counting only what a layer fires above firing_loss_target per neuron-step."""
+        target = self.config.firing_loss_target
+        excess = [spikes - target * steps if target else spikes for spikes, steps in totals]
+        if target:
+            excess = [e.clamp(min=0) for e in excess]
+        return sum(excess) / sum(steps for _, steps in totals)
+
     def _checkpointed(self, layer, hidden, ctx: SequenceContext, state, use_cache: bool):
         """layer(...) with activation checkpointing. The firing loss's spike sums leave the layer as an output
         (not through ctx's list): reentrant checkpointing runs the layer without a graph, so only its
@@ -145,10 +154,10 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         def run(h):
             inner.spike_totals.clear()  # (filled again when the backward recomputes the layer)
             out, new_state = layer(h, inner, state, use_cache)
-            return out, new_state, sum(t for t, _ in inner.spike_totals)
+            return out, new_state, torch.stack([spikes for spikes, _ in inner.spike_totals])
 
-        hidden, new_state, total = self._gradient_checkpointing_func(run, hidden)
-        ctx.spike_totals.append((total, sum(n for _, n in inner.spike_totals)))
+        hidden, new_state, spikes = self._gradient_checkpointing_func(run, hidden)
+        ctx.spike_totals.extend(zip(spikes.unbind(), [steps for _, steps in inner.spike_totals]))
         return hidden, new_state
 
     def get_input_embeddings(self):
@@ -289,8 +298,8 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         if all_hidden is not None:
             all_hidden.append(hidden.reshape(B, T, -1))
         out = SpikeLMModelOutput(last_hidden_state=spikes, hidden_states=tuple(all_hidden) if all_hidden else None)
-        if ctx.spike_totals:  # mean spike count per neuron-step over all neuron layers (element-weighted)
-            out["firing_loss"] = sum(t for t, _ in ctx.spike_totals) / sum(n for _, n in ctx.spike_totals)
+        if ctx.spike_totals:
+            out["firing_loss"] = self._firing_loss(ctx.spike_totals)
         if use_cache:
             out[CACHE_NAME] = cache
         return out if return_dict is not False else out.to_tuple()
