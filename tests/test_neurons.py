@@ -349,10 +349,14 @@ needs_c_kernel = pytest.mark.skipif(not cpu_dsn.available(), reason=f"C kernel: 
 @pytest.mark.parametrize("kernel_size", [1, 2, 4])
 @pytest.mark.parametrize("surrogate", ["rect", "atan"])
 @pytest.mark.parametrize("layout", ["plain", "carried", "packed", "packed_h0"])
-@pytest.mark.parametrize("tau", [0.25, 0.5, 1.0])
-def test_c_kernel_matches_float64_composition(kernel_size, surrogate, layout, tau):
-    """float32 C kernel == float64 autograd of the definition: the same spikes, gradients to float32 rounding."""
+@pytest.mark.parametrize("tau", [0.25, 1.0])
+@pytest.mark.parametrize("checkpoint_rows", [1, 5, 64])
+def test_c_kernel_matches_float64_composition(kernel_size, surrogate, layout, tau, checkpoint_rows, monkeypatch):
+    """float32 C kernel == float64 autograd of the definition: the same spikes, gradients to float32 rounding.
+    checkpoint_rows: the saved-membrane stride (5: document starts fall on and inside recomputed blocks)."""
     from spikelm.ops import dsn_parallel
+
+    monkeypatch.setattr(cpu_dsn, "CHECKPOINT_ROWS", checkpoint_rows)
 
     torch.manual_seed(kernel_size)
     B, T, C, N = 2, 37, 300, 3  # C > the kernel's channel block (256): two work items per row
@@ -447,6 +451,7 @@ def test_c_kernel_declines_what_it_does_not_compute():
 
     x = torch.randn(1, 10, 4)
     w, b = torch.randn(4, 4), torch.randn(4)
+    assert cpu_dsn.supports(x, 4, 0.5, "atan") and cpu_dsn.supports(x, 4, 1 / 8, "rect")
     assert not cpu_dsn.supports(x, 4, 0.3, "rect")
     assert not cpu_dsn.supports(x.double(), 4, 0.25, "rect")
     assert not cpu_dsn.supports(x, 17, 0.25, "rect")

@@ -3,7 +3,7 @@
 The torch Function (ops/torch_dsn.py) makes ~25 passes over [B, T, C] memory per forward and
 backward; on a CPU the neuron is bound by that memory traffic, not by arithmetic. The C kernel walks
 time once per direction with everything else in registers and L1: conv taps, decay, membrane, spike;
-the backward recomputes a' and alpha from X and saves nothing but the membrane H.
+the backward recomputes a', alpha and the membrane from X, saving only every 64th row's membrane.
 
 Built on first use with the system C compiler (`cc`, or $CC) into a per-user cache
 ($SPIKELM_CACHE_DIR, default ~/.cache/spikelm), keyed by the source, the flags and this CPU's
@@ -31,12 +31,13 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
-from .scan import packed_final_states
 from .torch_scan import empty_buffer
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "dsn_cpu.c"
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
 MAX_TAPS = 16
+# the forward keeps the membrane of every CHECKPOINT_ROWS-th row only; the backward recomputes the rest
+CHECKPOINT_ROWS = 64
 _SURROGATE_CODES = {"rect": 0, "atan": 1}
 
 _lock = threading.Lock()
@@ -84,8 +85,9 @@ def _build() -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.dsn_cpu_forward.argtypes = [P] * 7 + [I64] * 5 + [I, I, ctypes.c_float, P, P, I]
-    lib.dsn_cpu_backward.argtypes = [P] * 11 + [I64] * 5 + [I, I, ctypes.c_float, I, ctypes.c_float] + [P] * 5 + [I]
+    lib.dsn_cpu_forward.argtypes = [P] * 8 + [I64] * 5 + [I, I, ctypes.c_float, I64, P, P, P, I]
+    lib.dsn_cpu_backward.argtypes = ([P] * 11 + [I64] * 5 + [I, I, ctypes.c_float, I64, I, ctypes.c_float] + [P] * 5
+                                     + [I])
     lib.dsn_cpu_forward.restype = lib.dsn_cpu_backward.restype = ctypes.c_int
     return lib
 
@@ -172,29 +174,29 @@ class DSNCpuFunction(torch.autograd.Function):
         hist = None if history is None or k == 1 else history.detach().to(torch.float32).contiguous()
         h0f = None if h0 is None else h0.detach().to(torch.float32).contiguous()
         rows = None if cu_seqlens is None else _packed_rows(cu_seqlens, T)
-        spikes, H = empty_buffer((B, T, C), torch.float32, "cpu"), empty_buffer((B, T, C), torch.float32, "cpu")
+        K = CHECKPOINT_ROWS
+        n_states = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        spikes = empty_buffer((B, T, C), torch.float32, "cpu")
+        Hc = torch.empty(B, -(-T // K), C)
+        # every state the kernel does not write (empty documents, T = 0) is the initial one
+        last = h0f.clone() if h0f is not None else torch.zeros(n_states, C)
         n = decay_power(tau)
         if T:
             _check(lib.dsn_cpu_forward(xf.data_ptr(), _ptr(hist), _ptr(h0f), wT.data_ptr(), b.data_ptr(),
-                                _ptr(rows[0]) if rows else None, _ptr(rows[1]) if rows else None,
-                                B, T, C, xf.stride(0), xf.stride(1), k, n, float(max_spike), spikes.data_ptr(),
-                                H.data_ptr(),
-                                torch.get_num_threads()))
-        if rows is None:
-            last = H[:, -1].clone() if T else (h0f.clone() if h0f is not None else xf.new_zeros(B, C))
-        else:
-            last = packed_final_states(H, h0f, cu_seqlens.tolist(), C)
-        ctx.save_for_backward(xf, wT, b, hist, h0f, H)
+                                       *(_ptr(r) for r in (rows if rows is not None else (None, None, None))),
+                                       B, T, C, xf.stride(0), xf.stride(1), k, n, float(max_spike), K,
+                                       spikes.data_ptr(), Hc.data_ptr(), last.data_ptr(), torch.get_num_threads()))
+        ctx.save_for_backward(xf, wT, b, hist, h0f, Hc)
         ctx.rows = rows
-        ctx.n_states = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        ctx.args = (n, max_spike, surrogate, surrogate_alpha, x.dtype, weight.dtype, k)
+        ctx.n_states = n_states
+        ctx.args = (n, max_spike, surrogate, surrogate_alpha, x.dtype, weight.dtype, k, K)
         return spikes.to(x.dtype), last
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_s, grad_last):
-        xf, wT, b, hist, h0f, H = ctx.saved_tensors
-        n, max_spike, surrogate, surrogate_alpha, x_dtype, w_dtype, k = ctx.args
+        xf, wT, b, hist, h0f, Hc = ctx.saved_tensors
+        n, max_spike, surrogate, surrogate_alpha, x_dtype, w_dtype, k, K = ctx.args
         rows = ctx.rows
         B, T, C = xf.shape
         gs = None if grad_s is None else grad_s.to(torch.float32).contiguous()
@@ -208,8 +210,8 @@ class DSNCpuFunction(torch.autograd.Function):
         if T:
             _check(_load().dsn_cpu_backward(
                 xf.data_ptr(), _ptr(hist), _ptr(h0f), wT.data_ptr(), b.data_ptr(),
-                *(_ptr(r) for r in (rows if rows is not None else (None, None, None))), H.data_ptr(), _ptr(gs),
-                _ptr(gl), B, T, C, xf.stride(0), xf.stride(1), k, n, float(max_spike), _SURROGATE_CODES[surrogate],
+                *(_ptr(r) for r in (rows if rows is not None else (None, None, None))), Hc.data_ptr(), _ptr(gs),
+                _ptr(gl), B, T, C, xf.stride(0), xf.stride(1), k, n, float(max_spike), K, _SURROGATE_CODES[surrogate],
                 float(surrogate_alpha),
                 dx.data_ptr(), dw_part.data_ptr(), db_part.data_ptr(), _ptr(dh0), _ptr(da_head),
                 torch.get_num_threads()))

@@ -123,13 +123,48 @@ static void part_range(int64_t C, int64_t parts, int64_t i, int64_t *lo, int64_t
     *hi = (i + 1) * width < C ? (i + 1) * width : C;
 }
 
-/* x [B, T, C] with strides (sxb, sxt, 1) (e.g. one half of a projection's output, read in place);
-   spikes, H [B, T, C] contiguous. Returns 0, or 1 when out of memory. */
+/* One time step t over the channels [lo, lo + width): hout = H_t from hprev = H_{t-1} (ignored at a document
+   start, which starts from the document's initial state or 0; hout may be hprev); spikes S_t into srow if given. */
+static void step_row(const Problem *p, int64_t b, int64_t t, int64_t lo, int64_t width, const float *zeros,
+                     const float *hprev, float *hout, float *srow) {
+    float a[BLOCK], alpha[BLOCK], om[BLOCK], dln[BLOCK];
+    const float *tap[MAX_TAPS], *tap_c[MAX_TAPS];
+    int64_t doc = p->start_doc ? p->start_doc[t] : (t == 0 ? b : -1);
+    if (doc >= 0) { /* a fresh membrane (or the document's initial state) */
+        for (int64_t c = 0; c < width; ++c) hout[c] = p->h0 ? p->h0[doc * p->C + lo + c] : 0.0f;
+        hprev = hout;
+    }
+    taps_of_row(p, b, t, lo, zeros, tap);
+    for (int64_t c0 = 0; c0 < width; c0 += BLOCK) {
+        int len = (int)(width - c0 < BLOCK ? width - c0 : BLOCK);
+        for (int j = 0; j < p->k; ++j) tap_c[j] = tap[j] == zeros ? zeros : tap[j] + c0;
+        logits_of_row(p, tap_c, lo + c0, len, a);
+        decay_terms(p->n, len, a, alpha, om, dln);
+        const float *xt = p->x + b * p->sxb + t * p->sxt + lo + c0, *hp = hprev + c0;
+        float *ho = hout + c0;
+        for (int c = 0; c < len; ++c) ho[c] = hp[c] + om[c] * (xt[c] - hp[c]); /* not alpha h + om x: see the header */
+        if (srow) {
+            float *st = srow + c0;
+            for (int c = 0; c < len; ++c) {
+                float s = floorf(ho[c] + 0.5f);
+                s = s < 0.0f ? 0.0f : s;
+                st[c] = s > p->max_spike ? p->max_spike : s;
+            }
+        }
+    }
+}
+
+/* x [B, T, C] with strides (sxb, sxt, 1) (e.g. one half of a projection's output, read in place); spikes [B, T, C].
+   The membrane is saved only every K rows: Hc [B, ceil(T / K), C] holds H after each block of K rows (the
+   backward recomputes the rows in between, so a layer keeps T/K rows of membrane instead of T; fresh memory
+   costs first-touch page faults). finals [docs, C]: H at each document's last row (end_doc; NULL: row T-1 of
+   each b). Returns 0, or 1 when out of memory. */
 int dsn_cpu_forward(const float *x, const float *hist, const float *h0, const float *wT, const float *bias,
-                    const int32_t *row_start, const int32_t *start_doc, int64_t B, int64_t T, int64_t C, int64_t sxb,
-                    int64_t sxt, int k, int n, float max_spike, float *spikes, float *H, int threads) {
-    Problem p = {x, hist, h0, wT, bias, row_start, start_doc, NULL, B, T, C, sxb, sxt, k, n, max_spike};
-    int64_t parts = channel_parts(C, threads);
+                    const int32_t *row_start, const int32_t *start_doc, const int32_t *end_doc, int64_t B, int64_t T,
+                    int64_t C, int64_t sxb, int64_t sxt, int k, int n, float max_spike, int64_t K, float *spikes,
+                    float *Hc, float *finals, int threads) {
+    Problem p = {x, hist, h0, wT, bias, row_start, start_doc, end_doc, B, T, C, sxb, sxt, k, n, max_spike};
+    int64_t parts = channel_parts(C, threads), nblk = (T + K - 1) / K;
     int failed = 0;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t item = 0; item < B * parts; ++item) {
@@ -143,29 +178,12 @@ int dsn_cpu_forward(const float *x, const float *hist, const float *h0, const fl
             failed = 1;
             continue;
         }
-        float zeros[BLOCK] = {0}, a[BLOCK], alpha[BLOCK], om[BLOCK], dln[BLOCK];
-        const float *tap[MAX_TAPS], *tap_c[MAX_TAPS];
+        float zeros[BLOCK] = {0};
         for (int64_t t = 0; t < T; ++t) {
-            int64_t doc = start_doc ? start_doc[t] : (t == 0 ? b : -1);
-            if (doc >= 0) /* a fresh membrane (or the document's initial state) */
-                for (int64_t c = 0; c < width; ++c) h[c] = h0 ? h0[doc * C + lo + c] : 0.0f;
-            taps_of_row(&p, b, t, lo, zeros, tap);
-            for (int64_t c0 = 0; c0 < width; c0 += BLOCK) {
-                int len = (int)(width - c0 < BLOCK ? width - c0 : BLOCK);
-                for (int j = 0; j < k; ++j) tap_c[j] = tap[j] == zeros ? zeros : tap[j] + c0;
-                logits_of_row(&p, tap_c, lo + c0, len, a);
-                decay_terms(n, len, a, alpha, om, dln);
-                const float *xt = x + b * sxb + t * sxt + lo + c0;
-                float *Ht = H + (b * T + t) * C + lo + c0, *St = spikes + (b * T + t) * C + lo + c0, *hc = h + c0;
-                for (int c = 0; c < len; ++c) {
-                    float hv = hc[c] + om[c] * (xt[c] - hc[c]); /* not alpha h + om x: see the header */
-                    hc[c] = hv;
-                    Ht[c] = hv;
-                    float s = floorf(hv + 0.5f);
-                    s = s < 0.0f ? 0.0f : s;
-                    St[c] = s > max_spike ? max_spike : s;
-                }
-            }
+            step_row(&p, b, t, lo, width, zeros, h, h, spikes + (b * T + t) * C + lo);
+            if (t % K == K - 1 || t == T - 1) memcpy(Hc + (b * nblk + t / K) * C + lo, h, width * sizeof(float));
+            int64_t end = end_doc ? end_doc[t] : (t == T - 1 ? b : -1);
+            if (end >= 0) memcpy(finals + end * C + lo, h, width * sizeof(float));
         }
         free(h);
     }
@@ -177,12 +195,12 @@ int dsn_cpu_forward(const float *x, const float *hist, const float *h0, const fl
    surrogate: 0 rect (1 where 0 <= H <= N), 1 atan (sum over thresholds of (sa/2) / (1 + (pi/2 sa (H - m - 1/2))^2)).
    Returns 0, or 1 when out of memory. */
 int dsn_cpu_backward(const float *x, const float *hist, const float *h0, const float *wT, const float *bias,
-                     const int32_t *row_start, const int32_t *start_doc, const int32_t *end_doc, const float *H,
+                     const int32_t *row_start, const int32_t *start_doc, const int32_t *end_doc, const float *Hc,
                      const float *grad_s, const float *grad_last, int64_t B, int64_t T, int64_t C, int64_t sxb,
-                     int64_t sxt, int k, int n, float max_spike, int surrogate, float sa, float *dx, float *dw_part,
-                     float *db_part, float *dh0, float *da_head, int threads) {
+                     int64_t sxt, int k, int n, float max_spike, int64_t K, int surrogate, float sa, float *dx,
+                     float *dw_part, float *db_part, float *dh0, float *da_head, int threads) {
     Problem p = {x, hist, h0, wT, bias, row_start, start_doc, end_doc, B, T, C, sxb, sxt, k, n, max_spike};
-    int64_t parts = channel_parts(C, threads);
+    int64_t parts = channel_parts(C, threads), nblk = (T + K - 1) / K;
     const int km1 = k - 1;
     const float half_pi_sa = 1.57079632679489662f * sa;
     int failed = 0;
@@ -194,7 +212,8 @@ int dsn_cpu_backward(const float *x, const float *hist, const float *h0, const f
         if (width <= 0) continue;
         /* per channel of the range: u_{t+1}, alpha_{t+1}, the ring of d a' of rows t+1 .. t+k-1 (slot row % (k-1),
            zeroed across a document start), and the conv's weight and bias gradients */
-        float *state = calloc((size_t)width * (3 + 2 * k), sizeof(float));
+        /* then the block's recomputed membranes Hb [K][width] */
+        float *state = calloc((size_t)width * (3 + 2 * k + K), sizeof(float));
         if (!state) {
 #pragma omp atomic write
             failed = 1;
@@ -202,10 +221,17 @@ int dsn_cpu_backward(const float *x, const float *hist, const float *h0, const f
         }
         float *u_next = state, *om_next = state + width, *db = state + 2 * width;
         float *dw = state + 3 * width, *ring = state + (3 + k) * width; /* dw [k][width], ring [k-1][width] */
+        float *Hb = state + (2 + 2 * k) * width;
         float zeros[BLOCK] = {0}, a[BLOCK], alpha[BLOCK], om[BLOCK], dln[BLOCK], u[BLOCK], da[BLOCK];
         const float *tap[MAX_TAPS], *tap_c[MAX_TAPS];
         for (int64_t t = T - 1; t >= 0; --t) {
-            int64_t row = b * T + t;
+            int64_t row = b * T + t, t0 = t / K * K;
+            if (t == T - 1 || t % K == K - 1) { /* entering a block from its end: recompute its membranes */
+                const float *before = t0 > 0 ? Hc + (b * nblk + t0 / K - 1) * C + lo : Hb; /* (row 0 starts afresh) */
+                for (int64_t r = t0; r <= t; ++r)
+                    step_row(&p, b, r, lo, width, zeros, r > t0 ? Hb + (r - t0 - 1) * width : before,
+                             Hb + (r - t0) * width, NULL);
+            }
             taps_of_row(&p, b, t, lo, zeros, tap);
             int64_t end = end_doc ? end_doc[t] : (t == T - 1 ? b : -1);
             int64_t doc = start_doc ? start_doc[t] : (t == 0 ? b : -1);
@@ -215,7 +241,7 @@ int dsn_cpu_backward(const float *x, const float *hist, const float *h0, const f
                 for (int j = 0; j < k; ++j) tap_c[j] = tap[j] == zeros ? zeros : tap[j] + c0;
                 logits_of_row(&p, tap_c, off, len, a);
                 decay_terms(n, len, a, alpha, om, dln);
-                const float *Ht = H + row * C + off, *xt = x + b * sxb + t * sxt + off;
+                const float *Ht = Hb + (t - t0) * width + c0, *xt = x + b * sxb + t * sxt + off;
                 float *un = u_next + c0, *on = om_next + c0; /* alpha_{t+1} u_{t+1} = un - on un */
                 /* u = dS S'(H) + alpha_{t+1} u_{t+1} (+ the final state's gradient at a document's last row) */
                 if (grad_s) {
@@ -248,7 +274,7 @@ int dsn_cpu_backward(const float *x, const float *hist, const float *h0, const f
                     if (dh0)
                         for (int c = 0; c < len; ++c) dh0[doc * C + off + c] = alpha[c] * u[c];
                 } else {
-                    const float *Hp = Ht - C;
+                    const float *Hp = t > t0 ? Ht - width : Hc + (b * nblk + t0 / K - 1) * C + off;
                     for (int c = 0; c < len; ++c) da[c] = u[c] * (Hp[c] - xt[c]) * alpha[c] * dln[c];
                 }
                 /* dx_t = (1 - alpha) u + sum_m w_{k-1-m} d a'_{t+m} (the conv's transpose) */
