@@ -9,7 +9,8 @@
    A float32 alpha near 1 carries an absolute rounding error of ~6e-8, a relative error of 6e-8 / (1 - alpha)
    in the memory's time constant (1 % at 1 - alpha = 6e-6), which compounds over long sequences.
    The backward walks time in reverse with the adjoint u_t = dL/dH_t (u_t = dS_t S'(H_t) + alpha_{t+1} u_{t+1}),
-   recomputing a' and alpha from x instead of reading them from memory; it saves nothing but H.
+   recomputing a' and alpha from x, and H block by block (K rows) from the membrane the forward saved after
+   each block, instead of reading them from memory.
    Every inner loop runs over contiguous channels (blocks of BLOCK, kept in L1), so the compiler
    vectorises it (hence a polynomial exp instead of libm's). */
 #include <math.h>
