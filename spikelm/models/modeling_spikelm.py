@@ -138,10 +138,8 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         """Mean spike count per neuron-step over all neuron layers (each layer weighted by its neuron-steps),
         counting only what a layer fires above firing_loss_target per neuron-step."""
         target = self.config.firing_loss_target
-        excess = [spikes - target * steps if target else spikes for spikes, steps in totals]
-        if target:
-            excess = [e.clamp(min=0) for e in excess]
-        return sum(excess) / sum(steps for _, steps in totals)
+        excess = sum((spikes - target * steps).clamp(min=0) for spikes, steps in totals)
+        return excess / sum(steps for _, steps in totals)
 
     def _checkpointed(self, layer, hidden, ctx: SequenceContext, state, use_cache: bool):
         """layer(...) with activation checkpointing. The firing loss's spike sums leave the layer as an output

@@ -137,7 +137,7 @@ class DSN(nn.Module):
 
     # -- parallel form -------------------------------------------------------------------------
     def _use_torch_function(self, x: torch.Tensor, return_membrane: bool) -> bool:
-        """Off CUDA, the one-Function torch path (ops.dsn_parallel) computes what the composition does."""
+        """Off CUDA, ops.dsn_parallel (the C kernel, or the torch Function) computes what the composition does."""
         return not x.is_cuda and self.backend in ("auto", "torch") and not return_membrane
 
     def _use_fused_kernel(self, x: torch.Tensor, return_membrane: bool) -> bool:
@@ -180,7 +180,8 @@ class DSN(nn.Module):
             spikes, last = dsn_fused(logit, x, membrane0, cu_seqlens, self.tau, self.max_spike,
                                      output_final_state=return_state)
         elif one_function:
-            # CPU: the whole neuron as one autograd Function with a hand-written backward (ops/torch_dsn.py)
+            # CPU: the whole neuron as one autograd Function: the compiled C kernel (ops/cpu_dsn.py) where it
+            # applies, else the torch Function with its hand-written backward (ops/torch_dsn.py)
             spikes, last = dsn_parallel(x, self.conv_weight, self.conv_bias, self.tau, self.max_spike, self.surrogate,
                                         self.surrogate_alpha, None if state is None else state.conv,
                                         None if state is None else state.membrane, cu_seqlens,

@@ -1,7 +1,7 @@
 """Kernels: the diagonal linear recurrence (naive reference, fast torch path, Triton) and the fused DSN."""
 from .decay import LOG_DECAY_FLOOR, log_decay
 from .naive import naive_scan
-from .scan import BACKENDS, check_cu_seqlens, scan, triton_is_available
-from .torch_dsn import decay_logit, document_starts, dsn_parallel
+from .scan import BACKENDS, check_cu_seqlens, document_starts, scan, triton_is_available
+from .torch_dsn import decay_logit, dsn_parallel
 
 __all__ = ["BACKENDS", "LOG_DECAY_FLOOR", "check_cu_seqlens", "decay_logit", "document_starts", "dsn_parallel", "log_decay", "naive_scan", "scan", "triton_is_available"]

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
+from .scan import document_starts
 from .torch_scan import empty_buffer
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "dsn_cpu.c"
@@ -155,10 +156,11 @@ def _packed_rows(cu_seqlens: torch.Tensor, T: int):
     docs = torch.arange(lengths.numel())
     row_start = torch.repeat_interleave(cu[:-1], lengths, output_size=T).to(torch.int32)
     nonempty = lengths > 0
+    starts = document_starts(cu)
     start_doc = torch.full((T,), -1, dtype=torch.int32)
     end_doc = torch.full((T,), -1, dtype=torch.int32)
-    start_doc[cu[:-1][nonempty]] = docs[nonempty].to(torch.int32)
-    end_doc[cu[1:][nonempty] - 1] = docs[nonempty].to(torch.int32)
+    start_doc[starts] = docs[nonempty].to(torch.int32)
+    end_doc[starts + lengths[nonempty] - 1] = docs[nonempty].to(torch.int32)
     return row_start.contiguous(), start_doc, end_doc
 
 

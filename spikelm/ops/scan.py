@@ -92,6 +92,12 @@ def _reset_at_starts(x, g, initial_state, cu):
     return x, g
 
 
+def document_starts(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Offsets [n] where the non-empty packed documents start."""
+    cu = cu_seqlens.to(torch.long)
+    return cu[:-1][cu[1:] > cu[:-1]]
+
+
 def packed_final_states(h, initial_state, cu, D):
     finals = []
     for n, (s, e) in enumerate(zip(cu, cu[1:])):

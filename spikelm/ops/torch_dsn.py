@@ -27,7 +27,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .decay import LOG_DECAY_FLOOR, log_decay
-from .scan import packed_final_states
+from .scan import document_starts, packed_final_states
 from .spike import surrogate_slope
 from .torch_scan import _empty, adjoint_scan, chunked_scan_forward, empty_buffer
 
@@ -87,12 +87,6 @@ def _start_rows(doc_starts: torch.Tensor, T: int, k: int):
     nxt = torch.cat([starts[1:], starts.new_tensor([T])])
     ok = rows < nxt[:, None]
     return rows[ok], r.expand_as(rows)[ok]
-
-
-def document_starts(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Offsets [n] where the non-empty packed documents start."""
-    cu = cu_seqlens.to(torch.long)
-    return cu[:-1][cu[1:] > cu[:-1]]
 
 
 def _doc_layout(cu_seqlens: torch.Tensor, device):
@@ -306,10 +300,10 @@ def dsn_parallel(x, weight, bias, tau: float, max_spike: int, surrogate: str = "
                          f"{x.shape[0]}")
     args = (x, weight, bias, history, initial_state, cu_seqlens, float(tau), int(max_spike), surrogate,
             float(surrogate_alpha))
-    if kernel == "c" or (kernel == "auto" and cpu_dsn.supports(x, weight.shape[1], tau, surrogate)):
-        if kernel == "c" and not cpu_dsn.supports(x, weight.shape[1], tau, surrogate):
-            raise ValueError(f"dsn_parallel: the C kernel does not run this call (CPU float32/bf16/fp16 input, "
-                             f"1/tau an integer 1..8, kernel_size <= {cpu_dsn.MAX_TAPS}; "
-                             f"build: {cpu_dsn.unavailable_reason() or 'ok'})")
+    if kernel != "torch" and cpu_dsn.supports(x, weight.shape[1], tau, surrogate):
         return cpu_dsn.DSNCpuFunction.apply(*args)
+    if kernel == "c":
+        raise ValueError(f"dsn_parallel: the C kernel does not run this call (CPU float32/bf16/fp16 input, "
+                         f"1/tau an integer 1..8, kernel_size <= {cpu_dsn.MAX_TAPS}; "
+                         f"build: {cpu_dsn.unavailable_reason() or 'ok'})")
     return DSNFunction.apply(*args)

@@ -118,10 +118,13 @@ static int64_t channel_parts(int64_t C, int threads) {
     return parts < most ? parts : most;
 }
 
-static void part_range(int64_t C, int64_t parts, int64_t i, int64_t *lo, int64_t *hi) {
+/* Work item `item` of B * parts: its row *b, first channel *lo; returns its channel count (0: nothing to do). */
+static int64_t item_range(int64_t item, int64_t parts, int64_t C, int64_t *b, int64_t *lo) {
     int64_t width = ((C + parts - 1) / parts + 15) / 16 * 16; /* multiples of 16 channels */
+    int64_t i = item % parts, hi = (i + 1) * width < C ? (i + 1) * width : C;
+    *b = item / parts;
     *lo = i * width < C ? i * width : C;
-    *hi = (i + 1) * width < C ? (i + 1) * width : C;
+    return hi - *lo;
 }
 
 /* One time step t over the channels [lo, lo + width): hout = H_t from hprev = H_{t-1} (ignored at a document
@@ -169,9 +172,7 @@ int dsn_cpu_forward(const float *x, const float *hist, const float *h0, const fl
     int failed = 0;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t item = 0; item < B * parts; ++item) {
-        int64_t b = item / parts, lo, hi;
-        part_range(C, parts, item % parts, &lo, &hi);
-        int64_t width = hi - lo;
+        int64_t b, lo, width = item_range(item, parts, C, &b, &lo);
         if (width <= 0) continue;
         float *h = malloc(width * sizeof(float));
         if (!h) {
@@ -207,9 +208,7 @@ int dsn_cpu_backward(const float *x, const float *hist, const float *h0, const f
     int failed = 0;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t item = 0; item < B * parts; ++item) {
-        int64_t b = item / parts, lo, hi;
-        part_range(C, parts, item % parts, &lo, &hi);
-        int64_t width = hi - lo;
+        int64_t b, lo, width = item_range(item, parts, C, &b, &lo);
         if (width <= 0) continue;
         /* per channel of the range: u_{t+1}, alpha_{t+1}, the ring of d a' of rows t+1 .. t+k-1 (slot row % (k-1),
            zeroed across a document start), and the conv's weight and bias gradients */
