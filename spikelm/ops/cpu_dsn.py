@@ -5,11 +5,9 @@ backward; on a CPU the neuron is bound by that memory traffic, not by arithmetic
 time once per direction with everything else in registers and L1: conv taps, decay, membrane, spike;
 the backward recomputes a', alpha and the membrane from X, saving only every 64th row's membrane.
 
-Built on first use with the system C compiler (`cc`, or $CC) into a per-user cache
-($SPIKELM_CACHE_DIR, default ~/.cache/spikelm), keyed by the source, the flags and this CPU's
-instruction set (-march=native). Where there is no compiler or the build fails, `available()` is
-False and neurons.DSN uses the torch Function instead (a warning says why, once). Set
-SPIKELM_CPU_KERNEL=0 to turn the kernel off.
+Built on first use by ops/cbuild.py (the system C compiler, a per-user cache keyed by source, flags
+and CPU). Where there is no compiler or the build fails, `available()` is False and neurons.DSN uses
+the torch Function instead (a warning says why, once). SPIKELM_CPU_KERNEL=0 turns the kernel off.
 
 Supported: float32 compute (other input dtypes are converted, float64 goes to the torch Function),
 1/tau an integer 1..8 (alpha = sigmoid(a')^(1/tau) as repeated products: tau = 1, 1/2, ..., 1/8),
@@ -18,107 +16,43 @@ kernel_size <= 16, the rect and atan surrogates, carried state, packed documents
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
-from pathlib import Path
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from .cbuild import CSRC, CLibrary
 from .scan import document_starts
 from .torch_scan import empty_buffer
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "dsn_cpu.c"
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
+SOURCE = CSRC / "dsn_cpu.c"
 MAX_TAPS = 16
 # the forward keeps the membrane of every CHECKPOINT_ROWS-th row only; the backward recomputes the rest
 CHECKPOINT_ROWS = 64
 _SURROGATE_CODES = {"rect": 0, "atan": 1}
 
-_lock = threading.Lock()
-_lib = None
-_load_error: str | None = None
 
-
-def _cpu_signature() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("SPIKELM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "spikelm")
-    return Path(root) / "kernels"
-
-
-def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        raise RuntimeError("no C compiler found (cc, gcc or clang; or set $CC)")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, platform.machine(), _cpu_signature()]).encode())
-    target = _cache_dir() / f"dsn_cpu-{key.hexdigest()[:16]}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # build under a temporary name, then rename: concurrent processes (DDP ranks) never load a partial file
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            proc = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                                  timeout=300)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {proc.stderr.strip()[-2000:]}")
-            os.chmod(tmp, 0o755)  # mkstemp made it private: a shared cache directory serves every user
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
+def _declare(lib: ctypes.CDLL) -> None:
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.dsn_cpu_forward.argtypes = [P] * 8 + [I64] * 5 + [I, I, ctypes.c_float, I64, P, P, P, I]
     lib.dsn_cpu_backward.argtypes = ([P] * 11 + [I64] * 5 + [I, I, ctypes.c_float, I64, I, ctypes.c_float] + [P] * 5
                                      + [I])
     lib.dsn_cpu_forward.restype = lib.dsn_cpu_backward.restype = ctypes.c_int
-    return lib
+
+
+LIBRARY = CLibrary("dsn_cpu", SOURCE, _declare)
 
 
 def _load():
-    global _lib, _load_error
-    if _lib is not None or _load_error is not None:
-        return _lib
-    with _lock:
-        if _lib is None and _load_error is None:
-            if os.environ.get("SPIKELM_CPU_KERNEL", "1") == "0":
-                _load_error = "turned off by SPIKELM_CPU_KERNEL=0"
-            else:
-                try:
-                    _lib = _build()
-                except Exception as e:  # noqa: BLE001 - any failure means: use the torch Function
-                    _load_error = f"{type(e).__name__}: {e}"
-                    warnings.warn(f"spikelm: the C kernel of the DSN is unavailable ({_load_error}); "
-                                  "the CPU uses the (slower) torch Function", RuntimeWarning, stacklevel=2)
-    return _lib
+    return LIBRARY.load()
 
 
 def available() -> bool:
     """Whether the compiled kernel loads here (builds it on the first call)."""
-    return _load() is not None
+    return LIBRARY.available()
 
 
 def unavailable_reason() -> str | None:
-    _load()
-    return _load_error
+    return LIBRARY.unavailable_reason()
 
 
 def decay_power(tau: float) -> int | None:
