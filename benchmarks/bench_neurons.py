@@ -10,6 +10,9 @@ it runs at; nothing is extrapolated, a missing cell is simply not measured.
 
     python benchmarks/bench_neurons.py                        # table, JSON and PNG under benchmarks/results/
     python benchmarks/bench_neurons.py --T 1024,4096 --lif-max-T 2048 --repeat 2
+    python benchmarks/bench_neurons.py --neurons DSN --dsn-backend torch   # one ops.dsn backend against another
+
+Each row records the ops.dsn backend the DSN ran on (ops.record_backends), so "auto" says what it picked.
 """
 from __future__ import annotations
 
@@ -28,18 +31,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scan import best_time, machine_info, sync  # noqa: E402
 from spikelm.neurons import DSN, LIF, PSN, SlidingPSN  # noqa: E402
+from spikelm.ops import DSN_BACKENDS, record_backends  # noqa: E402
 
-BUILDERS = {  # name -> neuron over C channels for sequences of T steps
-    "DSN": lambda C, T: DSN(C),
-    "PSN": lambda C, T: PSN(C, T),
-    "SlidingPSN": lambda C, T: SlidingPSN(C, k=4),
-    "LIF": lambda C, T: LIF(C, reset="hard"),
+BUILDERS = {  # name -> neuron over C channels for sequences of T steps (the DSN on an ops.dsn backend)
+    "DSN": lambda C, T, backend: DSN(C, backend=backend),
+    "PSN": lambda C, T, backend: PSN(C, T),
+    "SlidingPSN": lambda C, T, backend: SlidingPSN(C, k=4),
+    "LIF": lambda C, T, backend: LIF(C, reset="hard"),
 }
 NEURONS = tuple(BUILDERS)
 
 
-def build(name, C, T):
-    return BUILDERS[name](C, T)
+def build(name, C, T, dsn_backend="auto"):
+    return BUILDERS[name](C, T, dsn_backend)
 
 
 def _vm_hwm_bytes():
@@ -109,6 +113,7 @@ def main(argv=None):
     p.add_argument("--neurons", default=",".join(NEURONS))
     p.add_argument("--lif-max-T", type=int, default=2048,
                    help="run LIF only up to this T (a serial loop whose backward grows as T^2 here)")
+    p.add_argument("--dsn-backend", default="auto", choices=DSN_BACKENDS, help="ops.dsn backend of the DSN rows")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--warmup", type=int, default=1)
@@ -126,7 +131,7 @@ def main(argv=None):
     load_before = os.getloadavg()
     B, C = args.B, args.C
     rows = []
-    header = (f"{'neuron':>10} {'T':>6} | {'fwd ms':>9} {'cpu ms':>9} | {'fwd+bwd ms':>10} {'cpu ms':>10} |"
+    header = (f"{'neuron':>12} {'T':>6} | {'fwd ms':>9} {'cpu ms':>9} | {'fwd+bwd ms':>10} {'cpu ms':>10} |"
               f" {'peak MiB':>8}")
     print(f"B={B} C={C} {device} threads={args.threads} load {load_before}\n{header}\n" + "-" * len(header))
     for T in args.T:
@@ -137,8 +142,11 @@ def main(argv=None):
             if name == "LIF" and T > args.lif_max_T:
                 continue
             torch.manual_seed(0)
-            neuron = build(name, C, T).to(device)
+            neuron = build(name, C, T, args.dsn_backend).to(device)
             x = x0.clone().requires_grad_()
+            with torch.no_grad(), record_backends() as ran:
+                neuron(x[:, :8])
+            backend = ran[0][1] if ran else None
 
             def fwd():
                 return neuron(x)
@@ -151,11 +159,12 @@ def main(argv=None):
             t_fwd, c_fwd = best_time(fwd, device, args.warmup, args.repeat, slow_s=5.0)
             t_fb, c_fb = best_time(fwd_bwd, device, args.warmup, args.repeat, slow_s=5.0)
             mem = peak_extra_memory(fwd_bwd, device)
-            row = dict(neuron=name, B=B, C=C, T=T, fwd_s=t_fwd, fwd_bwd_s=t_fb, fwd_cpu_s=c_fwd, fwd_bwd_cpu_s=c_fb,
+            row = dict(neuron=name, backend=backend, B=B, C=C, T=T, fwd_s=t_fwd, fwd_bwd_s=t_fb, fwd_cpu_s=c_fwd, fwd_bwd_cpu_s=c_fb,
                        peak_mem_MiB=None if mem is None else mem / 2**20)
             rows.append(row)
             mem_s = "n/a" if mem is None else f"{mem / 2**20:8.1f}"
-            print(f"{name:>10} {T:>6} | {1e3 * t_fwd:>9.2f} {1e3 * c_fwd:>9.2f} | {1e3 * t_fb:>10.2f} {1e3 * c_fb:>10.2f} |"
+            label = f"{name}[{backend}]" if backend else name
+            print(f"{label:>12} {T:>6} | {1e3 * t_fwd:>9.2f} {1e3 * c_fwd:>9.2f} | {1e3 * t_fb:>10.2f} {1e3 * c_fb:>10.2f} |"
                   f" {mem_s:>8}", flush=True)
             del neuron, x
 

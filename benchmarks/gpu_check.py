@@ -2,13 +2,16 @@
 the baseline neurons, next to the device's measured copy bandwidth.
 
 Rows, each timed forward (no grad) and forward+backward, best of --repeat after --warmup, at every T:
-  dsn_fused    ops.triton_dsn.dsn_fused(a', X): decay, drive, scan and spikes in one kernel pass
+  dsn_fused    the Triton backend's kernel after the conv (ops/dsn/triton_backend.fused_op(a', X)):
+               decay, drive, scan and spikes in one kernel pass
   dsn_unfused  the same math as torch ops around the Triton scan (the paper's design: a generic
                linear-recurrence kernel and separate elementwise ops)
-  dsn_module   neurons.DSN (conv included; uses dsn_fused on CUDA)
+  dsn_module   neurons.DSN (conv included; ops.dsn's "auto" runs the Triton backend on CUDA, checked)
   psn, sliding_psn, lif   neurons.PSN (T x T), neurons.SlidingPSN (k = 4), neurons.LIF (serial loop)
 Bandwidth: the fused forward must read a' and X and write S; its GB/s counts exactly those bytes, and
-%copy compares with torch's copy_ (read + write bytes) measured the same way.
+%copy compares with torch's copy_ (read + write bytes) measured the same way. The decode step
+(ops.dsn.dsn_step, backend "triton") is timed per token, eager and replayed as one CUDA graph.
+--dry-run-cpu checks this script at tiny sizes on the CPU (the Triton cases need TRITON_INTERPRET=1 there).
 A time budget (--budget-s) skips the remaining cases rather than overrunning the lent machine.
 """
 from __future__ import annotations
@@ -27,10 +30,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from spikelm.neurons import DSN, LIF, PSN, SlidingPSN  # noqa: E402
-from spikelm.ops import triton_is_available  # noqa: E402
+from spikelm.neurons import DSN, LIF, PSN, SlidingPSN, quantize_spikes  # noqa: E402
+from spikelm.ops import dsn_step, log_decay, record_backends, scan, triton_is_available  # noqa: E402
 from spikelm.ops import triton_scan  # noqa: E402
-from spikelm.ops.triton_dsn import dsn_fused, dsn_reference, dsn_step_  # noqa: E402
+from spikelm.ops.dsn.triton_backend import fused_op  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEVICE = "cuda"  # --dry-run-cpu switches to the CPU (torch paths, tiny sizes) to check this script itself
@@ -78,13 +81,17 @@ def make_case(name, B, T, C, dtype):
     if name in ("dsn_fused", "dsn_unfused"):
         logit = (torch.randn(B, T, C, device=DEVICE, generator=gen) + 3).to(dtype).requires_grad_()
         if name == "dsn_fused":
-            fn = lambda: dsn_fused(logit, x)[0]  # noqa: E731
+            fn = lambda: fused_op(logit, x, None, None, 0.25, 4, None)[0]  # noqa: E731
         else:
-            fn = lambda: dsn_reference(logit, x, backend="triton" if DEVICE == "cuda" else "torch")[0]  # noqa: E731
+            fn = lambda: dsn_unfused(logit, x)  # noqa: E731
         moved = B * T * C * (logit.element_size() + 2 * x.element_size())  # read a', X; write S
         return fn, [logit, x], moved
     if name == "dsn_module":
         m = DSN(C).to(DEVICE)
+        with torch.no_grad(), record_backends() as ran:
+            m(x[:, :2])
+        if DEVICE == "cuda" and ran != [("dsn", "triton")]:
+            raise RuntimeError(f"DSN on CUDA ran {ran}, not the fused Triton kernel")
     elif name == "psn":
         m = PSN(C, T).to(DEVICE)
     elif name == "sliding_psn":
@@ -94,6 +101,13 @@ def make_case(name, B, T, C, dtype):
     else:
         raise ValueError(f"unknown case {name!r}")
     return (lambda: m(x)), [x] + [p for p in m.parameters()], None
+
+
+def dsn_unfused(logit, x, tau=0.25, max_spike=4):
+    """The DSN after its conv as separate torch ops around the Triton scan (the unfused design)."""
+    g = log_decay(logit.float(), tau)
+    h, _ = scan(-torch.expm1(g) * x.float(), g, backend="triton" if DEVICE == "cuda" else "auto")
+    return quantize_spikes(h, max_spike).to(x.dtype)
 
 
 def tile_rows_sweep(B, T, C, dtype, warmup, repeat, copy_gbps, rows_options=(4, 8, 16)):
@@ -123,17 +137,18 @@ def tile_rows_sweep(B, T, C, dtype, warmup, repeat, copy_gbps, rows_options=(4, 
 
 
 def decode_step_timing(B, C, steps=256):
-    """Per-token time of the in-place decode step op, eager and replayed as one CUDA graph of `steps` tokens."""
+    """Per-token time of the decode step kernel (dsn_step, backend "triton"), eager and replayed as one CUDA graph
+    of `steps` tokens."""
     m = DSN(C).to(DEVICE)
     st = m.initial_state(B, DEVICE, torch.bfloat16)
-    conv, mem = st.conv.contiguous(), st.membrane.contiguous()
     xs = torch.randn(steps, B, C, device=DEVICE).bfloat16()
     w, b = m.conv_weight.detach(), m.conv_bias.detach()
     out = torch.empty(steps, B, C, device=DEVICE, dtype=torch.bfloat16)
 
     def run():
+        state = st
         for i in range(steps):
-            out[i] = dsn_step_(xs[i], conv, mem, w, b, m.tau, m.max_spike)
+            out[i], state = dsn_step(xs[i], w, b, m.tau, m.max_spike, state=state, backend="triton")
 
     res = dict(B=B, C=C, steps=steps, eager_per_token_s=best_time(run, 1, 3) / steps)
     if DEVICE == "cuda":

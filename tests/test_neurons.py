@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from spikelm.neurons import DSN, LIF, PSN, DSNState, SlidingPSN, quantize_spikes, unfold_spikes
-from spikelm.ops import cpu_dsn, naive_scan
+from spikelm.ops import dsn, dsn_step, naive_dsn, naive_scan, record_backends
+from spikelm.ops.dsn import c_backend
 
 
 def _serial(neuron, x, state=None):
@@ -220,41 +221,27 @@ def test_baseline_bad_arguments():
         SlidingPSN(4, k=0)
 
 
-def _dsn_composition(x, w, b, tau, N, surrogate, history, h0, cu):
-    """The DSN as plain autograd ops in float64 (per document when packed): the oracle of ops.dsn_parallel."""
-    from spikelm.ops import log_decay
+def _op(backend, x, w, b, tau, N, surrogate, history=None, h0=None, cu=None):
+    """(spikes, final membrane) of ops.dsn on `backend`, asserting that this backend is the one that ran."""
+    state = None if history is None and h0 is None else DSNState(h0, history)
+    with record_backends() as ran:
+        out = dsn(x, w, b, tau, N, surrogate, initial_state=state, cu_seqlens=cu, output_final_state=True,
+                  backend=backend)
+    assert ran == [("dsn", backend)]
+    return out.spikes, out.final_state.membrane
 
-    def one(xs, hist, start):
-        k = w.shape[1]
-        window = torch.cat([hist, xs], dim=1)
-        logit = b + sum(window[:, j : j + xs.shape[1]] * w[:, j] for j in range(k))
-        g = log_decay(logit, tau)
-        h, last = naive_scan(-torch.expm1(g) * xs, g, start)
-        return quantize_spikes(h, N, surrogate), last
 
-    k = w.shape[1]
-    if cu is None:
-        hist = x.new_zeros(x.shape[0], k - 1, x.shape[2]) if history is None else history
-        return one(x, hist, h0)
-    spikes, lasts = [], []
-    for n, (s, e) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
-        start = None if h0 is None else h0[n : n + 1]
-        if e == s:
-            lasts.append(x.new_zeros(x.shape[2]) if h0 is None else h0[n])
-            continue
-        sp, last = one(x[:, s:e], x.new_zeros(1, k - 1, x.shape[2]), start)
-        spikes.append(sp)
-        lasts.append(last[0])
-    return torch.cat(spikes, dim=1), torch.stack(lasts)
+def _reference(x, w, b, tau, N, surrogate, history=None, h0=None, cu=None):
+    """(spikes, final membrane) of the package's float64 reference."""
+    spikes, _, last, _ = naive_dsn(x, w, b, tau, N, surrogate, history=history, initial_membrane=h0, cu_seqlens=cu)
+    return spikes, last
 
 
 @pytest.mark.parametrize("kernel_size", [1, 2, 4])
 @pytest.mark.parametrize("surrogate", ["rect", "atan"])
 @pytest.mark.parametrize("layout", ["plain", "carried", "packed", "packed_h0"])
 def test_fused_torch_function_matches_autograd_composition(kernel_size, surrogate, layout):
-    """ops.dsn_parallel (the CPU training path: one Function, hand-written backward) == autograd of the definition."""
-    from spikelm.ops import dsn_parallel
-
+    """ops.dsn's torch backend (one Function, hand-written backward) == autograd of the float64 definition."""
     torch.manual_seed(kernel_size)
     B, T, C, tau, N = 2, 37, 5, 0.25, 3
     cu = history = h0 = None
@@ -272,8 +259,8 @@ def test_fused_torch_function_matches_autograd_composition(kernel_size, surrogat
     inputs = [t for t in (x, w, b, history, h0) if t is not None]
     gs, gl = torch.randn(B, T, C, dtype=torch.float64), torch.randn(h0.shape if h0 is not None else (len(cu) - 1 if cu is not None else B, C), dtype=torch.float64)
 
-    s1, last1 = dsn_parallel(x, w, b, tau, N, surrogate, history=history, initial_state=h0, cu_seqlens=cu)
-    s2, last2 = _dsn_composition(x, w, b, tau, N, surrogate, history, h0, cu)
+    s1, last1 = _op("torch", x, w, b, tau, N, surrogate, history, h0, cu)
+    s2, last2 = _reference(x, w, b, tau, N, surrogate, history, h0, cu)
     assert torch.equal(s1, s2)
     torch.testing.assert_close(last1, last2, atol=1e-12, rtol=1e-12)
     g1 = torch.autograd.grad((s1 * gs).sum() + (last1 * gl).sum(), inputs)
@@ -290,29 +277,31 @@ def test_dsn_module_uses_the_fused_function_on_cpu_with_the_composition_gradient
     fused = torch.autograd.grad((neuron(x) * grad).sum(), [x, neuron.conv_weight, neuron.conv_bias])
     reference = DSN(8, kernel_size=3, backend="naive")
     reference.load_state_dict(neuron.state_dict())
-    spikes, _ = reference(x, return_membrane=True)
-    assert torch.equal(spikes, neuron(x))
+    with record_backends() as ran:
+        spikes, _ = reference(x, return_membrane=True)
+        assert torch.equal(spikes, neuron(x))
+    assert ran == [("dsn", "naive"), ("dsn", "c" if c_backend.available() else "torch")]
     composed = torch.autograd.grad((spikes * grad).sum(), [x, reference.conv_weight, reference.conv_bias])
     for a, e in zip(fused, composed):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
 
 
 def test_fused_function_survives_inference_mode_and_a_retained_graph():
-    """The reusable scratch buffers stay normal tensors after an inference_mode forward, and a packed
-    backward leaves its saved tensors untouched, so a retained graph runs backward twice."""
-    from spikelm.ops import dsn_parallel
-
-    neuron = DSN(8)
-    with torch.inference_mode():
-        neuron(torch.randn(2, 64, 8))  # the first call allocates the scratch buffers
-    x = (2 * torch.randn(1, 64, 8)).requires_grad_()
-    spikes = neuron(x, cu_seqlens=torch.tensor([0, 20, 64]))
+    """The torch backend's reusable scratch buffers stay normal tensors after an inference_mode forward, and a
+    packed backward leaves its saved tensors untouched, so a retained graph runs backward twice."""
+    neuron = DSN(8, backend="torch")
+    with record_backends() as ran:
+        with torch.inference_mode():
+            neuron(torch.randn(2, 64, 8))  # the first call allocates the scratch buffers
+        x = (2 * torch.randn(1, 64, 8)).requires_grad_()
+        spikes = neuron(x, cu_seqlens=torch.tensor([0, 20, 64]))
+    assert ran == [("dsn", "torch")] * 2
     first = torch.autograd.grad(spikes.sum(), x, retain_graph=True)[0]
     second = torch.autograd.grad(spikes.sum(), x)[0]
     assert torch.equal(first, second)
     with pytest.raises(ValueError, match="history"):
-        dsn_parallel(x, neuron.conv_weight, neuron.conv_bias, 0.25, 4, history=torch.zeros(1, 3, 8),
-                     cu_seqlens=torch.tensor([0, 64]))
+        dsn(x, neuron.conv_weight, neuron.conv_bias, 0.25, 4, initial_state=DSNState(None, torch.zeros(1, 3, 8)),
+            cu_seqlens=torch.tensor([0, 64]))
 
 
 @pytest.mark.parametrize("kernel", ["torch", "c"])
@@ -320,29 +309,27 @@ def test_fused_function_input_gradient_is_exact_for_long_memory_channels(kernel)
     """Long memories stay exact in float32: (1 - alpha) u uses expm1 (torch Function), and the C kernel's
     recurrences read only 1 - alpha (H += (1 - alpha)(x - H)); a rounded alpha near 1 would compound
     over the sequence (measured: 1e-4 relative error at T = 3000, 1e-2 at 16k)."""
-    from spikelm.ops import dsn_parallel
-
-    if kernel == "c" and not cpu_dsn.available():
-        pytest.skip(f"C kernel: {cpu_dsn.unavailable_reason()}")
+    if kernel == "c" and not c_backend.available():
+        pytest.skip(f"C kernel: {c_backend.unavailable_reason()}")
     torch.manual_seed(0)
     C, T = 5, 3000
     x = (2 * torch.randn(1, T, C, dtype=torch.float64)).requires_grad_()
     w = torch.zeros(C, 4, dtype=torch.float64)
     b = torch.tensor([3.0, 12.0, 14.5, 16.0, 20.0], dtype=torch.float64)  # 1 - alpha from ~2e-1 down to ~8e-9
     grad = torch.randn(1, T, C, dtype=torch.float64)
-    spikes, last = dsn_parallel(x, w, b, 0.25, 4, kernel="torch")
+    spikes, last = _op("torch", x, w, b, 0.25, 4, "rect")
     want = torch.autograd.grad((spikes * grad).sum() + last.sum(), x)[0]
     xf = x.detach().float().requires_grad_()
-    spikes32, last32 = dsn_parallel(xf, w.float(), b.float(), 0.25, 4, kernel=kernel)
+    spikes32, last32 = _op(kernel, xf, w.float(), b.float(), 0.25, 4, "rect")
     got = torch.autograd.grad((spikes32 * grad.float()).sum() + last32.sum(), xf)[0]
     assert ((last32.double() - last).abs() <= 1e-5 * last.abs() + 1e-6).all()
     scale = want.abs().amax(dim=(0, 1))  # per channel
     assert ((got.double() - want).abs().amax(dim=(0, 1)) <= 1e-4 * scale + 1e-12).all()
 
 
-# -- the compiled C kernel (ops/cpu_dsn.py): the CPU training path when it builds -------------------------
+# -- the compiled C kernel (ops/dsn/c_backend.py): the CPU training path when it builds ---------------------
 
-needs_c_kernel = pytest.mark.skipif(not cpu_dsn.available(), reason=f"C kernel: {cpu_dsn.unavailable_reason()}")
+needs_c_kernel = pytest.mark.skipif(not c_backend.available(), reason=f"C kernel: {c_backend.unavailable_reason()}")
 
 
 @needs_c_kernel
@@ -354,9 +341,7 @@ needs_c_kernel = pytest.mark.skipif(not cpu_dsn.available(), reason=f"C kernel: 
 def test_c_kernel_matches_float64_composition(kernel_size, surrogate, layout, tau, checkpoint_rows, monkeypatch):
     """float32 C kernel == float64 autograd of the definition: the same spikes, gradients to float32 rounding.
     checkpoint_rows: the saved-membrane stride (5: document starts fall on and inside recomputed blocks)."""
-    from spikelm.ops import dsn_parallel
-
-    monkeypatch.setattr(cpu_dsn, "CHECKPOINT_ROWS", checkpoint_rows)
+    monkeypatch.setattr(c_backend, "CHECKPOINT_ROWS", checkpoint_rows)
 
     torch.manual_seed(kernel_size)
     B, T, C, N = 2, 37, 300, 3  # C > the kernel's channel block (256): two work items per row
@@ -383,8 +368,8 @@ def test_c_kernel_matches_float64_composition(kernel_size, surrogate, layout, ta
         hist_ = tensors[3] if history is not None else None
         h0_ = tensors[-1] if h0 is not None else None
         if kernel is None:
-            return _dsn_composition(x_, w_, b_, tau, N, surrogate, hist_, h0_, cu)
-        return dsn_parallel(x_, w_, b_, tau, N, surrogate, history=hist_, initial_state=h0_, cu_seqlens=cu, kernel=kernel)
+            return _reference(x_, w_, b_, tau, N, surrogate, hist_, h0_, cu)
+        return _op(kernel, x_, w_, b_, tau, N, surrogate, hist_, h0_, cu)
 
     s1, last1 = run(inputs32, "c")
     s2, last2 = run(inputs64, None)
@@ -400,7 +385,7 @@ def test_c_kernel_matches_float64_composition(kernel_size, surrogate, layout, ta
 @needs_c_kernel
 def test_dsn_module_runs_the_c_kernel_with_the_torch_function_results():
     """backend auto (C kernel) and backend torch (torch Function) agree on spikes, state and gradients, also in
-    bfloat16 and with two threads."""
+    bfloat16 and with two threads; each module runs the backend it names (no silent fallback)."""
     torch.manual_seed(0)
     fast, ref = DSN(24, kernel_size=4), DSN(24, kernel_size=4, backend="torch")
     ref.load_state_dict(fast.state_dict())
@@ -411,9 +396,11 @@ def test_dsn_module_runs_the_c_kernel_with_the_torch_function_results():
         for n_threads, dtype in [(1, torch.float32), (2, torch.float32), (1, torch.bfloat16)]:
             torch.set_num_threads(n_threads)
             results = []
-            for neuron in (fast, ref):
+            for neuron, backend in ((fast, "c"), (ref, "torch")):
                 xi = x.to(dtype).requires_grad_()
-                s, state = neuron(xi, return_state=True)
+                with record_backends() as ran:
+                    s, state = neuron(xi, return_state=True)
+                assert ran == [("dsn", backend)]
                 gx, gw = torch.autograd.grad((s.float() * grad).sum() + state.membrane.sum(), [xi, neuron.conv_weight])
                 results.append((s, state.membrane, gx, gw))
             (s1, m1, gx1, gw1), (s2, m2, gx2, gw2) = results
@@ -429,16 +416,14 @@ def test_dsn_module_runs_the_c_kernel_with_the_torch_function_results():
 @needs_c_kernel
 def test_c_kernel_reads_a_strided_input_in_place():
     """One half of a projection's output (channels contiguous, rows strided) gives what its copy gives."""
-    from spikelm.ops import dsn_parallel
-
     both = (2 * torch.randn(2, 50, 2 * 40)).requires_grad_()
     w, b = torch.randn(40, 4), torch.randn(40) + 2
     grad = torch.randn(2, 50, 40)
     view = both[..., 40:]
     copy = view.detach().contiguous().requires_grad_()
     assert not view.is_contiguous()
-    s1, last1 = dsn_parallel(view, w, b, 0.25, 4, kernel="c")
-    s2, last2 = dsn_parallel(copy, w, b, 0.25, 4, kernel="c")
+    s1, last1 = _op("c", view, w, b, 0.25, 4, "rect")
+    s2, last2 = _op("c", copy, w, b, 0.25, 4, "rect")
     assert torch.equal(s1, s2) and torch.equal(last1, last2)
     g1 = torch.autograd.grad((s1 * grad).sum() + last1.sum(), both)[0]
     g2 = torch.autograd.grad((s2 * grad).sum() + last2.sum(), copy)[0]
@@ -446,24 +431,28 @@ def test_c_kernel_reads_a_strided_input_in_place():
 
 
 def test_c_kernel_declines_what_it_does_not_compute():
-    """A non-integer 1/tau, float64 or 17 taps go to the torch Function under kernel="auto"; kernel="c" says why."""
-    from spikelm.ops import dsn_parallel
-
+    """A non-integer 1/tau, float64, 17 taps or the membrane as an output go to the torch backend under
+    backend="auto"; backend="c" says why it cannot run them."""
     x = torch.randn(1, 10, 4)
     w, b = torch.randn(4, 4), torch.randn(4)
-    assert cpu_dsn.supports(x, 4, 0.5, "atan") and cpu_dsn.supports(x, 4, 1 / 8, "rect")
-    assert not cpu_dsn.supports(x, 4, 0.3, "rect")
-    assert not cpu_dsn.supports(x.double(), 4, 0.25, "rect")
-    assert not cpu_dsn.supports(x, 17, 0.25, "rect")
-    s_auto, _ = dsn_parallel(x, w, b, 0.3, 4)
-    s_torch, _ = dsn_parallel(x, w, b, 0.3, 4, kernel="torch")
+    supports = lambda *a: c_backend.unsupported(*a) is None  # noqa: E731
+    assert supports(x, 4, 0.5, "atan", False) and supports(x, 4, 1 / 8, "rect", False)
+    assert not supports(x, 4, 0.3, "rect", False)
+    assert not supports(x.double(), 4, 0.25, "rect", False)
+    assert not supports(x, 17, 0.25, "rect", False)
+    assert not supports(x, 4, 0.25, "rect", True)
+    with record_backends() as ran:
+        s_auto = dsn(x, w, b, 0.3, 4).spikes
+        dsn(x, w, b, 0.25, 4, output_membrane=True)
+    assert ran == [("dsn", "torch")] * 2
+    s_torch, _ = _op("torch", x, w, b, 0.3, 4, "rect")
     assert torch.equal(s_auto, s_torch)
-    with pytest.raises(ValueError, match="C kernel does not run this call"):
-        dsn_parallel(x, w, b, 0.3, 4, kernel="c")
-    with pytest.raises(ValueError, match="kernel must be one of"):
-        dsn_parallel(x, w, b, 0.25, 4, kernel="cuda")
+    with pytest.raises(ValueError, match="backend='c' cannot run this call: 1/tau must be an integer"):
+        dsn(x, w, b, 0.3, 4, backend="c")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dsn(x, w, b, 0.25, 4, backend="cuda")
     with pytest.raises(ValueError, match="batch size 1"):
-        dsn_parallel(torch.randn(2, 10, 4), w, b, 0.25, 4, cu_seqlens=torch.tensor([0, 4, 10]))
+        dsn(torch.randn(2, 10, 4), w, b, 0.25, 4, cu_seqlens=torch.tensor([0, 4, 10]))
 
 
 def test_dsn_falls_back_to_torch_without_the_c_kernel(tmp_path):
@@ -471,9 +460,12 @@ def test_dsn_falls_back_to_torch_without_the_c_kernel(tmp_path):
     import subprocess
     import sys
 
-    code = ("import torch; from spikelm.ops import cpu_dsn; from spikelm.neurons import DSN\n"
-            "assert not cpu_dsn.available() and 'SPIKELM_CPU_KERNEL=0' in cpu_dsn.unavailable_reason()\n"
-            "x = torch.randn(2, 30, 8, requires_grad=True); DSN(8)(x).sum().backward(); assert x.grad is not None\n")
+    code = ("import torch; from spikelm.ops import record_backends; from spikelm.ops.dsn import c_backend\n"
+            "from spikelm.neurons import DSN\n"
+            "assert not c_backend.available() and 'SPIKELM_CPU_KERNEL=0' in c_backend.unavailable_reason()\n"
+            "x = torch.randn(2, 30, 8, requires_grad=True)\n"
+            "with record_backends() as ran: DSN(8)(x).sum().backward()\n"
+            "assert x.grad is not None and ran == [('dsn', 'torch')], ran\n")
     env = dict(__import__("os").environ, SPIKELM_CPU_KERNEL="0", SPIKELM_CACHE_DIR=str(tmp_path))
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
@@ -484,8 +476,94 @@ def test_c_kernel_builds_into_an_empty_cache(tmp_path):
     import subprocess
     import sys
 
-    code = "from spikelm.ops import cpu_dsn; assert cpu_dsn.available(), cpu_dsn.unavailable_reason()"
+    code = "from spikelm.ops.dsn import c_backend; assert c_backend.available(), c_backend.unavailable_reason()"
     env = dict(__import__("os").environ, SPIKELM_CACHE_DIR=str(tmp_path))
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
     built = list((tmp_path / "kernels").iterdir())
     assert len(built) == 1 and built[0].name.startswith("dsn_cpu-") and built[0].suffix == ".so"
+
+
+# -- the op family's contract: one reference, one step, backends named alike, no silent fallback -------------
+
+@pytest.mark.parametrize("kernel_size", [1, 2, 4])
+@pytest.mark.parametrize("surrogate", ["rect", "atan"])
+def test_step_matches_the_float64_reference(kernel_size, surrogate):
+    """A loop of ops.dsn_step from a carried state == one naive_dsn call: spikes, states and gradients."""
+    torch.manual_seed(kernel_size)
+    B, T, C, N = 2, 12, 5, 3
+    x = (2 * torch.randn(B, T, C, dtype=torch.float64)).requires_grad_()
+    w = torch.randn(C, kernel_size, dtype=torch.float64).requires_grad_()
+    b = (torch.randn(C, dtype=torch.float64) + 2).requires_grad_()
+    history = torch.randn(B, kernel_size - 1, C, dtype=torch.float64)
+    h0 = torch.randn(B, C, dtype=torch.float64)
+    want_s, _, want_last, want_conv = naive_dsn(x, w, b, 0.25, N, surrogate, history=history, initial_membrane=h0)
+    state, outs = DSNState(h0, history), []
+    with record_backends() as ran:
+        for t in range(T):
+            s, state = dsn_step(x[:, t], w, b, 0.25, N, surrogate, state=state)
+            outs.append(s)
+    assert ran == [("dsn_step", "torch")] * T
+    got_s = torch.stack(outs, dim=1)
+    assert torch.equal(got_s, want_s)
+    torch.testing.assert_close(state.membrane, want_last, atol=1e-12, rtol=1e-12)
+    assert torch.equal(state.conv, want_conv)
+    grad = torch.randn(B, T, C, dtype=torch.float64)
+    g1 = torch.autograd.grad((got_s * grad).sum() + state.membrane.sum(), [x, w, b])
+    g2 = torch.autograd.grad((want_s * grad).sum() + want_last.sum(), [x, w, b])
+    for a, e in zip(g1, g2):
+        torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10)
+
+
+def test_backends_are_named_alike_and_never_fall_back_silently():
+    """DSN(backend=...) and ops.dsn take the same names; an explicit backend that cannot run is an error."""
+    from spikelm.ops.dsn import BACKENDS
+
+    assert BACKENDS == ("auto", "naive", "torch", "c", "triton")
+    x = torch.randn(1, 6, 4)
+    w, b = torch.randn(4, 4), torch.randn(4)
+    for backend in ("naive", "torch", "c"):
+        if backend == "c" and not c_backend.available():
+            continue
+        neuron = DSN(4, backend=backend)
+        with record_backends() as ran:
+            neuron(x)
+            neuron.step(x[:, 0])
+        assert ran == [("dsn", backend), ("dsn_step", "torch" if backend == "c" else backend)]
+    with pytest.raises(ValueError, match="backend must be one of"):
+        DSN(4, backend="cuda")
+    with pytest.raises(ValueError, match="backend='triton' cannot run this call"):
+        DSN(4, backend="triton")(x)
+    with pytest.raises(ValueError, match="backend='c' cannot run this call: it does not return the membrane"):
+        dsn(x, w, b, backend="c", output_membrane=True)
+    with pytest.raises(ValueError, match="backend='c' cannot run this call: the C kernel has no step"):
+        dsn_step(x[:, 0], w, b, backend="c")
+    with pytest.raises(ValueError, match="backend='triton' cannot run this call"):
+        dsn_step(x[:, 0], w, b, backend="triton")
+
+
+def test_record_backends_collects_nested_and_only_inside():
+    x = torch.randn(1, 5, 4)
+    w, b = torch.randn(4, 4), torch.randn(4)
+    with record_backends() as outer:
+        dsn(x, w, b, backend="torch")
+        with record_backends() as inner:
+            dsn(x, w, b, backend="naive")
+    dsn(x, w, b, backend="torch")
+    assert outer == [("dsn", "torch"), ("dsn", "naive")] and inner == [("dsn", "naive")]
+
+
+def test_op_bad_arguments():
+    x = torch.randn(2, 5, 4)
+    w, b = torch.randn(4, 4), torch.randn(4)
+    with pytest.raises(ValueError, match=r"weight must have shape \[C=4, k >= 1\]"):
+        dsn(x, torch.randn(3, 4), b)
+    with pytest.raises(ValueError, match=r"bias must have shape \[C=4\]"):
+        dsn(x, w, torch.randn(5))
+    with pytest.raises(ValueError, match="tau must be a finite number > 0"):
+        dsn(x, w, b, tau=0.0)
+    with pytest.raises(ValueError, match=r"x must have shape \[B, T, C\]"):
+        dsn(x[0], w, b)
+    with pytest.raises(TypeError, match="DSNState"):
+        dsn(x, w, b, initial_state=(torch.zeros(2, 4), torch.zeros(2, 3, 4)))
+    with pytest.raises(ValueError, match="state shapes must be membrane"):
+        dsn_step(x[:, 0], w, b, state=DSNState(torch.zeros(3, 4), None))

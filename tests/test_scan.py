@@ -1,10 +1,12 @@
 """ops.scan: every backend against the naive float64 oracle, forward and backward."""
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spikelm.ops import naive_scan, scan
+from spikelm.ops import naive_scan, record_backends, scan
 from spikelm.ops.torch_scan import chunked_scan_forward, serial_scan_forward
 
 CPU_BACKENDS = ["torch", "naive"]
@@ -20,7 +22,9 @@ def _inputs(B, T, D, dtype=torch.float64, init=True):
 def _grads(backend, x, g, h0, cu=None, dtype=None):
     """Run scan on leaf copies (cast to dtype) and return outputs plus gradients in float64."""
     leaves = [t.detach().to(dtype or t.dtype).requires_grad_() if t is not None else None for t in (x, g, h0)]
-    h, last = scan(*leaves, output_final_state=True, cu_seqlens=cu, backend=backend)
+    with record_backends() as ran:
+        h, last = scan(*leaves, output_final_state=True, cu_seqlens=cu, backend=backend)
+    assert ran == [("scan", backend)]
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(h.shape, generator=gen, dtype=torch.float64)
     wl = torch.randn(last.shape, generator=gen, dtype=torch.float64)
@@ -135,7 +139,13 @@ def test_chunked_form_matches_serial_loop(B, T, D, seed):
 
 def test_auto_uses_torch_on_cpu():
     x, g, h0 = _inputs(1, 10, 2)
-    torch.testing.assert_close(scan(x, g, h0, backend="auto")[0], scan(x, g, h0, backend="torch")[0])
+    with record_backends() as ran:
+        auto = scan(x, g, h0, backend="auto")[0]
+    assert ran == [("scan", "torch")]  # the backend that ran, not only its values
+    torch.testing.assert_close(auto, scan(x, g, h0, backend="torch")[0])
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(RuntimeError, match="backend='triton' needs Triton and a CUDA device"):
+            scan(x, g, h0, backend="triton")
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """The DSN's log-decay from its conv logit a': log alpha = max(logsigmoid(a') / tau, LOG_DECAY_FLOOR).
 
-One definition for every path (the neuron's torch forward and step, the fused Triton kernels'
-torch fallbacks; the kernels read the same floor).
+One definition for the torch paths of ops.dsn (the torch backend and the step); the C and Triton
+kernels and the float64 reference read the same floor.
 """
 from __future__ import annotations
 

@@ -1,8 +1,12 @@
-"""`scan`: the diagonal linear recurrence h_t = exp(g_t) * h_{t-1} + x_t behind every DSN layer."""
+"""`scan`: the diagonal linear recurrence h_t = exp(g_t) * h_{t-1} + x_t (the DSN's membrane, as a generic op).
+
+Backends: "naive" (naive.py, a loop: the oracle), "torch" (torch_scan.py, chunked and cache-blocked),
+"triton" (triton_scan.py, whose kernels also carry the fused DSN mode used by ops/dsn)."""
 from __future__ import annotations
 
 import torch
 
+from .backends import note_backend
 from .naive import naive_scan
 from .torch_scan import torch_scan
 
@@ -119,13 +123,15 @@ def scan(x, g, initial_state=None, output_final_state=False, cu_seqlens=None, ba
         output_final_state: also return the state after the last step ([B, D], or [N, D] per sequence).
         cu_seqlens: 1-D offsets [0, ..., T] of packed sequences (B must be 1); every sequence starts
             from its own initial state row and nothing crosses a boundary.
-        backend: "auto" (Triton for CUDA tensors when it works, else torch), "naive", "torch", "triton".
+        backend: "auto" (Triton for CUDA tensors when it works, else torch), "naive", "torch", "triton"; an
+            explicit backend that cannot run is an error. The one that ran is noted for ops.record_backends.
     Returns:
         (h [B, T, D] in x's dtype, final state or None). States and accumulation are float32 for
         half-precision inputs (float64 stays float64); gradients flow to x, g and initial_state.
     """
     _check_inputs(x, g, initial_state, cu_seqlens)
     backend = _resolve_backend(backend, x)
+    note_backend("scan", backend)
     out_dtype = x.dtype
     dtype = _compute_dtype(x, g)
     xc, gc = x.to(dtype).contiguous(), g.to(dtype).contiguous()

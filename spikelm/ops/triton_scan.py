@@ -23,7 +23,7 @@ are 64-bit. Channels are blocked by BLOCK_D with a masked tail, so any D works.
 The backward is the same machinery run in reverse time (the adjoint recurrence
 dx_t = dh_t + exp(g_{t+1}) dx_{t+1}, seeded by the final-state gradient), with dg_t = dx_t exp(g_t)
 h_{t-1} fused into the output pass. The kernels also carry the fused DSN neuron mode (decay from
-the conv logit, drive (1 - alpha) X, spikes out), used by ops/triton_dsn.py.
+the conv logit, drive (1 - alpha) X, spikes out), used by ops/dsn/triton_backend.py.
 
 Bandwidth note: when chunks are needed (few sequences x channel blocks), passes 1 and 3 both read
 the inputs, so the forward moves (2 x input + output) bytes instead of (input + output): for the

@@ -1,6 +1,6 @@
-/* The DSN neuron's forward and backward on CPU, one pass over time each (spikelm/ops/cpu_dsn.py).
+/* The DSN neuron's forward and backward on CPU, one pass over time each: the C backend of ops.dsn (ops/dsn/c_backend.py).
 
-   Per time row t and channel c (the definition: ../shared/spec/DSN.md, and ops/torch_dsn.py):
+   Per time row t and channel c (the definition: docs/neuron.md; the float64 reference: ops/dsn/naive.py):
      a'    = b + sum_j w_j x_{t-k+1+j}              (taps before a document's start read 0)
      alpha = max(sigmoid(a')^n, e^-20), n = 1/tau   (1 - alpha = sigmoid(-a') (1 + s + ... + s^(n-1)), s = sigmoid(a'),
                                                      exact near alpha = 1 where 1 - s^n would cancel)

@@ -1,16 +1,16 @@
-"""The whole DSN neuron in one autograd Function, for CPU training: conv -> decay -> scan -> spikes.
+"""The torch backend of ops.dsn: the whole neuron in one autograd Function, conv -> decay -> scan -> spikes.
 
 Written as separate autograd ops, the neuron makes ~60 passes over [B, T, C] memory per forward
 and backward (each op reads and writes whole tensors, autograd saves and zero-fills more), and on
 a CPU the time goes to memory traffic and first-touch page faults of fresh buffers, not to
-arithmetic. `dsn_parallel` computes the same numbers with a hand-written backward that works in
+arithmetic. `DSNFunction` computes the same numbers with a hand-written backward that works in
 place in a few buffers and recomputes cheap quantities (alpha, 1 - alpha, the sigmoid) from the
 saved log-decay instead of saving them:
 
-    forward : a' = conv(X) (one addcmul per tap, the order DSN.step uses), g = log alpha (in place),
+    forward : a' = conv(X) (one addcmul per tap, the order the step uses), g = log alpha (in place),
               drive = (1 - alpha) X, H = scan(drive, g), S = clip(floor(H + 1/2), 0, N)
-    backward: s = dS * surrogate'(H), u = adjoint scan of s (u_t = s_t + alpha_{t+1} u_{t+1}),
-              d g = u alpha (H_{t-1} - X_t), dX = (1 - alpha) u + conv^T(d a'),
+    backward: s = dS * surrogate'(H) (+ dL/dH when the membrane is an output), u = adjoint scan of s
+              (u_t = s_t + alpha_{t+1} u_{t+1}), d g = u alpha (H_{t-1} - X_t), dX = (1 - alpha) u + conv^T(d a'),
               d a' = d g sigmoid(-a') / tau where the floor is not active, with
               sigmoid(-a') = -expm1(tau g); d w, d b = correlations of d a' with the conv's window.
 
@@ -18,6 +18,10 @@ Packed documents (cu_seqlens): every document starts from a fresh membrane and c
 scan's decay is set to 0 at each start for the scan only (the saved log-decay keeps its value),
 and the conv rows whose taps reach into the previous document are recomputed with those taps
 masked (and fixed up likewise in the backward): a few rows, not a full mask over the sequence.
+
+It runs on any device and dtype (float64 stays float64; other dtypes compute in float32), both
+surrogates, and can return the membrane: the backend every other one falls back to under "auto".
+`step` is the one-token form (the decode path on CPU).
 """
 from __future__ import annotations
 
@@ -26,10 +30,11 @@ import threading
 import torch
 from torch.autograd.function import once_differentiable
 
-from .decay import LOG_DECAY_FLOOR, log_decay
-from .scan import document_starts, packed_final_states
-from .spike import surrogate_slope
-from .torch_scan import _empty, adjoint_scan, chunked_scan_forward, empty_buffer
+from ..decay import LOG_DECAY_FLOOR, log_decay
+from ..scan import packed_final_states
+from ..spike import quantize_spikes, surrogate_slope
+from ..torch_scan import _empty, adjoint_scan, chunked_scan_forward, empty_buffer
+from .conv import causal_conv, decay_logit, doc_layout, start_rows
 
 _workspace = threading.local()
 
@@ -51,80 +56,6 @@ def _scratch(role: str, like: torch.Tensor) -> torch.Tensor:
     return buf[: like.numel()].view(like.shape)
 
 
-def decay_logit(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, T: int,
-                doc_starts: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal depthwise conv a'_t = b + sum_j w[:, j] * window[:, j + t]: window [B, k-1+T, C] -> [B, T, C].
-
-    One addcmul per tap from the bias, j = 0..k-1, so the parallel form and the one-token step round
-    alike. doc_starts (packed, B = 1): offsets where documents start; rows within k-1 steps of a
-    start are recomputed with the taps before the start masked (as if the document began the row).
-    """
-    k = weight.shape[1]
-    out = _conv_rows(window, weight.to(window.dtype), bias.to(window.dtype), T)
-    if doc_starts is not None and k > 1:
-        _mask_start_rows(out, window[:, k - 1 :], weight.to(window.dtype), bias.to(window.dtype), doc_starts, T)
-    return out
-
-
-def _conv_rows(window, w, b, T, out=None):
-    """b + sum_j w[:, j] * window[:, j:j+T], tap by tap (into out when given; differentiable without)."""
-    k = w.shape[1]
-    bias = b.expand(window.shape[0], T, -1)
-    if out is None:
-        out = torch.addcmul(bias, window[:, 0:T], w[:, 0])
-    else:
-        torch.addcmul(bias, window[:, 0:T], w[:, 0], out=out)
-    for j in range(1, k):
-        out.addcmul_(window[:, j : j + T], w[:, j])
-    return out
-
-
-def _start_rows(doc_starts: torch.Tensor, T: int, k: int):
-    """Rows t = start + r (r < k-1, t < T, t before the next start) and their r."""
-    starts = doc_starts.to(torch.long)
-    r = torch.arange(k - 1, device=starts.device)
-    rows = (starts[:, None] + r[None, :])
-    nxt = torch.cat([starts[1:], starts.new_tensor([T])])
-    ok = rows < nxt[:, None]
-    return rows[ok], r.expand_as(rows)[ok]
-
-
-def _doc_layout(cu_seqlens: torch.Tensor, device):
-    """(offsets as a list, starts of the non-empty documents, their document indices)."""
-    cu = cu_seqlens.to(device=device, dtype=torch.long)
-    nonempty = cu[1:] > cu[:-1]
-    return cu.tolist(), document_starts(cu), torch.nonzero(nonempty).flatten()
-
-
-def _causal_conv(x, history, w, b, doc_starts):
-    """decay_logit over [history, x] without materialising the window: rows t >= k-1 read x only."""
-    B, T, C = x.shape
-    k = w.shape[1]
-    out = _empty(x)
-    head = min(T, k - 1)  # rows that read the history
-    if T > head:
-        _conv_rows(x, w, b, T - head, out=out[:, head:])
-    if head:
-        _conv_rows(torch.cat([history, x[:, :head]], dim=1), w, b, head, out=out[:, :head])
-    if doc_starts is not None and k > 1:
-        _mask_start_rows(out, x, w, b, doc_starts, T)
-    return out
-
-
-def _mask_start_rows(out, x, w, b, doc_starts, T):
-    """Packed rows (B = 1, no history): recompute a' where taps reach before the row's document start."""
-    k = w.shape[1]
-    rows, r = _start_rows(doc_starts, T, k)
-    if rows.numel():
-        idx = rows[:, None] + torch.arange(k, device=rows.device) - (k - 1)  # x index of each tap
-        keep = (torch.arange(k, device=rows.device)[None, :] >= (k - 1 - r)[:, None]) & (idx >= 0)
-        taps = x[0, idx.clamp(min=0)]  # [R, k, C]
-        fixed = b.expand(rows.numel(), -1)
-        for j in range(k):
-            fixed = torch.addcmul(fixed, taps[:, j] * keep[:, j, None].to(x.dtype), w[:, j])
-        out[0, rows] = fixed
-
-
 def _inside(h_neg, max_spike):
     """Bounds for hardtanh_backward (lo < h_neg < hi) so that it passes where 0 <= H <= N, H = -h_neg.
 
@@ -137,18 +68,20 @@ def _inside(h_neg, max_spike):
 
 class DSNFunction(torch.autograd.Function):
     """The scan runs on the negated drive, expm1(g) X = -(1 - alpha) X, so its output is -H: the sign
-    flip costs nothing (spikes = floor(1/2 - (-H)) round exactly as floor(H + 1/2)) instead of a pass."""
+    flip costs nothing (spikes = floor(1/2 - (-H)) round exactly as floor(H + 1/2)) instead of a pass.
+    Outputs: spikes (x's dtype), the final membrane, and the membrane H [B, T, C] when output_membrane (else None)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, history, h0, cu_seqlens, tau, max_spike, surrogate, surrogate_alpha):
+    def forward(ctx, x, weight, bias, history, h0, cu_seqlens, tau, max_spike, surrogate, surrogate_alpha,
+                output_membrane):
         B, T, C = x.shape
         k = weight.shape[1]
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         xf = x.to(dtype)
         w, b = weight.to(dtype), bias.to(dtype)
         hist = x.new_zeros(B, k - 1, C, dtype=dtype) if history is None else history.to(dtype)
-        layout = None if cu_seqlens is None else _doc_layout(cu_seqlens, x.device)
-        g = _causal_conv(xf, hist, w, b, None if layout is None else layout[1])
+        layout = None if cu_seqlens is None else doc_layout(cu_seqlens, x.device)
+        g = causal_conv(xf, hist, w, b, None if layout is None else layout[1])
         log_decay(g, tau, out=g)
         drive = torch.expm1(g, out=_scratch("drive", g))
         decay = torch.add(drive, 1.0, out=_empty(g))  # alpha = 1 + expm1(g): no second exp
@@ -172,11 +105,12 @@ class DSNFunction(torch.autograd.Function):
         ctx.save_for_backward(xf, hist, g, h_neg, h0n, weight, bias)
         ctx.layout = layout
         ctx.args = (tau, max_spike, surrogate, surrogate_alpha, x.dtype)
-        return spikes, last.neg()  # (T = 0: last may be h0n itself)
+        membrane = h_neg.neg() if output_membrane else None
+        return spikes, last.neg(), membrane  # (T = 0: last may be h0n itself)
 
     @staticmethod
     @once_differentiable  # the backward works in place in scratch buffers: no graph through it
-    def backward(ctx, grad_s, grad_last):
+    def backward(ctx, grad_s, grad_last, grad_membrane):
         xf, hist, g, h_neg, h0n, weight, bias = ctx.saved_tensors
         tau, max_spike, surrogate, surrogate_alpha, x_dtype = ctx.args
         layout = ctx.layout
@@ -188,7 +122,7 @@ class DSNFunction(torch.autograd.Function):
             dh0 = grad_last if grad_last is not None else h_neg.new_zeros(n, C)
             return (torch.zeros_like(xf).to(x_dtype), torch.zeros_like(weight), torch.zeros_like(bias),
                     torch.zeros_like(hist) if ctx.needs_input_grad[3] else None,
-                    dh0 if ctx.needs_input_grad[4] else None, None, None, None, None, None)
+                    dh0 if ctx.needs_input_grad[4] else None, None, None, None, None, None, None)
         # s = dL/dH = dS * surrogate'(H): a fresh buffer (grad_s belongs to autograd), reused below
         s = _scratch("s", h_neg)
         if grad_s is None:
@@ -198,6 +132,8 @@ class DSNFunction(torch.autograd.Function):
             torch.ops.aten.hardtanh_backward.grad_input(grad_s.to(dtype), h_neg, lo, hi, grad_input=s)
         else:
             torch.mul(grad_s.to(dtype), surrogate_slope(h_neg.neg(), max_spike, surrogate, surrogate_alpha), out=s)
+        if grad_membrane is not None:
+            s.add_(grad_membrane.to(dtype))
         seed = None if grad_last is None else grad_last.to(dtype)
         if layout is not None:
             cu, starts, docs = layout
@@ -262,7 +198,7 @@ class DSNFunction(torch.autograd.Function):
                 for t in range(min(sft, T)):
                     d_history[:, t + j] += dlogit[:, t] * w[:, j]
         if layout is not None and k > 1:  # remove the taps that crossed a document start
-            rows, r = _start_rows(starts, T, k)
+            rows, r = start_rows(starts, T, k)
             for j in range(k):
                 sft = k - 1 - j
                 crossed = (sft > r) & (rows - sft >= 0)
@@ -271,39 +207,29 @@ class DSNFunction(torch.autograd.Function):
                     dx[0].index_add_(0, rj - sft, -dlogit[0, rj] * w[:, j])
                     d_weight[:, j] -= (dlogit[0, rj] * xf[0, rj - sft]).sum(0)
         return (dx.to(x_dtype), d_weight.to(weight.dtype), d_bias.to(bias.dtype),
-                d_history, None if dh0 is None else dh0, None, None, None, None, None)
+                d_history, None if dh0 is None else dh0, None, None, None, None, None, None)
 
 
-DSN_KERNELS = ("auto", "torch", "c")
+def unsupported(x: torch.Tensor, kernel_size: int, tau: float, surrogate: str, output_membrane: bool) -> str | None:
+    """Why this backend cannot run a call (None: it can; it runs every call)."""
+    return None
 
 
-def dsn_parallel(x, weight, bias, tau: float, max_spike: int, surrogate: str = "rect", surrogate_alpha: float = 2.0,
-                 history=None, initial_state=None, cu_seqlens=None, kernel: str = "auto"):
-    """The DSN over [B, T, C] in one autograd Function (CPU training path of neurons.DSN).
+def run(x, weight, bias, history, h0, cu_seqlens, tau, max_spike, surrogate, surrogate_alpha, output_membrane):
+    """(spikes, final membrane, membrane or None) through DSNFunction."""
+    return DSNFunction.apply(x, weight, bias, history, h0, cu_seqlens, tau, max_spike, surrogate, surrogate_alpha,
+                             output_membrane)
 
-    weight [C, k], bias [C]: the decay conv. history [B, k-1, C]: the conv's previous inputs (None: zeros);
-    initial_state [B, C] ([N, C] per packed document): the membrane before the first step (None: zeros).
-    Returns (spikes in x's dtype, final membrane [B or N, C] float32/64). Differentiable in x, weight,
-    bias, history and initial_state; the surrogate ("rect" or "atan") sets dS/dH.
-    kernel: "c" the compiled one-pass kernel (ops/cpu_dsn.py), "torch" the torch Function here, "auto"
-    the C kernel where it supports the call (float32 compute, 1/tau an integer <= 8; see cpu_dsn) and
-    builds on this machine, else torch.
-    """
-    from . import cpu_dsn  # noqa: PLC0415 - builds the kernel on first use only
 
-    if kernel not in DSN_KERNELS:
-        raise ValueError(f"dsn_parallel: kernel must be one of {DSN_KERNELS}, got {kernel!r}")
-    if cu_seqlens is not None and history is not None:
-        raise ValueError("dsn_parallel: packed documents (cu_seqlens) start with an empty conv history; pass no history")
-    if cu_seqlens is not None and x.shape[0] != 1:
-        raise ValueError(f"dsn_parallel: packed documents (cu_seqlens) lie in one row (batch size 1), got batch size "
-                         f"{x.shape[0]}")
-    args = (x, weight, bias, history, initial_state, cu_seqlens, float(tau), int(max_spike), surrogate,
-            float(surrogate_alpha))
-    if kernel != "torch" and cpu_dsn.supports(x, weight.shape[1], tau, surrogate):
-        return cpu_dsn.DSNCpuFunction.apply(*args)
-    if kernel == "c":
-        raise ValueError(f"dsn_parallel: the C kernel does not run this call (CPU float32/bf16/fp16 input, "
-                         f"1/tau an integer 1..8, kernel_size <= {cpu_dsn.MAX_TAPS}; "
-                         f"build: {cpu_dsn.unavailable_reason() or 'ok'})")
-    return DSNFunction.apply(*args)
+def step(x_t, weight, bias, conv, membrane, tau, max_spike, surrogate, surrogate_alpha):
+    """One token: x_t [B, C], conv history [B, k-1, C], membrane [B, C] -> (spikes, new membrane, new conv history).
+
+    The conv is decay_logit's (the parallel form's order of taps), then H = alpha H + (1 - alpha) x_t as
+    one addcmul; float64 stays float64, other dtypes compute in float32. Differentiable (autograd)."""
+    dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+    xf = x_t.to(dtype)
+    window = torch.cat([conv.to(dtype), xf.unsqueeze(1)], dim=1)  # [B, k, C]
+    g = log_decay(decay_logit(window, weight, bias, 1)[:, 0], tau)
+    h = torch.addcmul(-torch.expm1(g) * xf, torch.exp(g), membrane.to(dtype))
+    spikes = quantize_spikes(h, max_spike, surrogate, surrogate_alpha).to(x_t.dtype)
+    return spikes, h, window[:, 1:].to(x_t.dtype)

@@ -1,17 +1,19 @@
-"""The DSN neuron on CPU as a compiled C kernel: one pass over time forward, one backward (csrc/dsn_cpu.c).
+"""The C backend of ops.dsn: the neuron on CPU as a compiled kernel, one pass over time forward, one backward
+(ops/csrc/dsn_cpu.c).
 
-The torch Function (ops/torch_dsn.py) makes ~25 passes over [B, T, C] memory per forward and
+The torch backend (torch_backend.DSNFunction) makes ~25 passes over [B, T, C] memory per forward and
 backward; on a CPU the neuron is bound by that memory traffic, not by arithmetic. The C kernel walks
 time once per direction with everything else in registers and L1: conv taps, decay, membrane, spike;
 the backward recomputes a', alpha and the membrane from X, saving only every 64th row's membrane.
 
 Built on first use by ops/cbuild.py (the system C compiler, a per-user cache keyed by source, flags
-and CPU). Where there is no compiler or the build fails, `available()` is False and neurons.DSN uses
-the torch Function instead (a warning says why, once). SPIKELM_CPU_KERNEL=0 turns the kernel off.
+and CPU). Where there is no compiler or the build fails, `available()` is False and backend="auto"
+runs the torch backend instead (a warning says why, once). SPIKELM_CPU_KERNEL=0 turns the kernel off.
 
-Supported: float32 compute (other input dtypes are converted, float64 goes to the torch Function),
-1/tau an integer 1..8 (alpha = sigmoid(a')^(1/tau) as repeated products: tau = 1, 1/2, ..., 1/8),
-kernel_size <= 16, the rect and atan surrogates, carried state, packed documents.
+Supported (`unsupported` says why not): CPU float32 compute (bfloat16/float16 inputs are converted;
+float64 goes to the torch backend), 1/tau an integer 1..8 (alpha = sigmoid(a')^(1/tau) as repeated
+products: tau = 1, 1/2, ..., 1/8), kernel_size <= 16, the rect and atan surrogates, carried state,
+packed documents; not the membrane as an output (the forward keeps only every 64th row of it).
 """
 from __future__ import annotations
 
@@ -20,9 +22,9 @@ import ctypes
 import torch
 from torch.autograd.function import once_differentiable
 
-from .cbuild import CSRC, CLibrary
-from .scan import document_starts
-from .torch_scan import empty_buffer
+from ..cbuild import CSRC, CLibrary
+from ..scan import document_starts
+from ..torch_scan import empty_buffer
 
 SOURCE = CSRC / "dsn_cpu.c"
 MAX_TAPS = 16
@@ -61,11 +63,30 @@ def decay_power(tau: float) -> int | None:
     return n if 1 <= n <= 8 and abs(n * tau - 1.0) < 1e-9 else None
 
 
-def supports(x: torch.Tensor, kernel_size: int, tau: float, surrogate: str) -> bool:
-    """Whether dsn_parallel_cpu computes this call (else the torch Function does)."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and kernel_size <= MAX_TAPS and decay_power(tau) is not None and surrogate in _SURROGATE_CODES
-            and available())
+def unsupported(x: torch.Tensor, kernel_size: int, tau: float, surrogate: str, output_membrane: bool) -> str | None:
+    """Why the C kernel cannot run this call (None: it can; the first call builds the kernel)."""
+    if x.device.type != "cpu":
+        return f"it runs on CPU tensors, got {x.device}"
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"it computes in float32 (float32, bfloat16 or float16 input), got {x.dtype}"
+    if kernel_size > MAX_TAPS:
+        return f"kernel_size must be <= {MAX_TAPS}, got {kernel_size}"
+    if decay_power(tau) is None:
+        return f"1/tau must be an integer 1..8, got tau={tau!r}"
+    if surrogate not in _SURROGATE_CODES:
+        return f"surrogate must be one of {tuple(_SURROGATE_CODES)}, got {surrogate!r}"
+    if output_membrane:
+        return "it does not return the membrane (it keeps every 64th row only)"
+    if not available():
+        return f"the kernel is unavailable here ({unavailable_reason()})"
+    return None
+
+
+def run(x, weight, bias, history, h0, cu_seqlens, tau, max_spike, surrogate, surrogate_alpha, output_membrane):
+    """(spikes, final membrane, None) through the C kernel."""
+    spikes, last = DSNCpuFunction.apply(x, weight, bias, history, h0, cu_seqlens, tau, max_spike, surrogate,
+                                        surrogate_alpha)
+    return spikes, last, None
 
 
 def _rows_with_contiguous_channels(x: torch.Tensor) -> torch.Tensor:
