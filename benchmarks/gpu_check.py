@@ -81,7 +81,7 @@ def make_case(name, B, T, C, dtype):
     if name in ("dsn_fused", "dsn_unfused"):
         logit = (torch.randn(B, T, C, device=DEVICE, generator=gen) + 3).to(dtype).requires_grad_()
         if name == "dsn_fused":
-            fn = lambda: fused_op(logit, x, None, None, 0.25, 4, None)[0]  # noqa: E731
+            fn = lambda: fused_op(logit, x, None, None, 0.25, 4, 0, 2.0, None)[0]  # noqa: E731
         else:
             fn = lambda: dsn_unfused(logit, x)  # noqa: E731
         moved = B * T * C * (logit.element_size() + 2 * x.element_size())  # read a', X; write S

@@ -106,33 +106,34 @@ def _dsn_run(fn, inputs, x_dtype, device):
     return [s.double().cpu(), last.double().cpu()] + [gr.double().cpu() for gr in grads]
 
 
-def _dsn_oracle(inputs, cu=None, tau=0.25, N=4):
+def _dsn_oracle(inputs, cu=None, tau=0.25, N=4, surrogate="rect"):
     def fn(x_, w_, b_, h_, hist_):
-        spikes, _, last, _ = naive_dsn(x_, w_, b_, tau, N, history=hist_, initial_membrane=h_, cu_seqlens=cu)
+        spikes, _, last, _ = naive_dsn(x_, w_, b_, tau, N, surrogate, history=hist_, initial_membrane=h_,
+                                       cu_seqlens=cu)
         return spikes, last
     return _dsn_run(fn, inputs, torch.float64, "cpu")
 
 
-def _dsn_op(backend, inputs, cu=None, tau=0.25, N=4, x_dtype=torch.float32, device="cpu"):
+def _dsn_op(backend, inputs, cu=None, tau=0.25, N=4, x_dtype=torch.float32, device="cpu", surrogate="rect"):
     """ops.dsn on `backend`, asserting that it is the backend that ran."""
     def fn(x_, w_, b_, h_, hist_):
         state = None if h_ is None and hist_ is None else DSNState(h_, hist_)
         with record_backends() as ran:
-            out = dsn(x_, w_, b_, tau, N, initial_state=state, cu_seqlens=None if cu is None else cu.to(x_.device),
+            out = dsn(x_, w_, b_, tau, N, surrogate, initial_state=state, cu_seqlens=None if cu is None else cu.to(x_.device),
                       output_final_state=True, backend=backend)
         assert ran == [("dsn", backend)]
         return out.spikes, out.final_state.membrane
     return _dsn_run(fn, inputs, x_dtype, device)
 
 
-def _dsn_kernel(inputs, cu=None, tau=0.25, N=4, chunk=None, x_dtype=torch.float32):
+def _dsn_kernel(inputs, cu=None, tau=0.25, N=4, chunk=None, x_dtype=torch.float32, surrogate="rect"):
     """The Triton backend directly, with a forced chunk length (None: through ops.dsn)."""
     if chunk is None:
-        return _dsn_op("triton", inputs, cu, tau, N, x_dtype, DEV)
+        return _dsn_op("triton", inputs, cu, tau, N, x_dtype, DEV, surrogate)
 
     def fn(x_, w_, b_, h_, hist_):
-        s, last, _ = triton_backend.run(x_, w_, b_, hist_, h_, None if cu is None else cu.to(DEV), tau, N, "rect", 2.0,
-                                        False, chunk_len=chunk)
+        s, last, _ = triton_backend.run(x_, w_, b_, hist_, h_, None if cu is None else cu.to(DEV), tau, N, surrogate,
+                                        2.0, False, chunk_len=chunk)
         return s, last
     return _dsn_run(fn, inputs, x_dtype, DEV)
 
@@ -279,18 +280,19 @@ def test_kernels_compile_for_h100_without_a_gpu():
 
     from spikelm.ops import triton_scan as ts  # noqa: PLC0415
 
-    scalars = {"D": "i32", "max_chunks": "i32", "chunk_len": "i32", "tau": "fp32", "max_spike": "fp32"}
+    scalars = {"D": "i32", "max_chunks": "i32", "chunk_len": "i32", "tau": "fp32", "max_spike": "i32", "sa": "fp32"}
     for mode, rev, io, acc in [(1, False, "bf16", tl.float32), (1, True, "bf16", tl.float32),
                                (0, True, "fp64", tl.float64)]:
         st = "fp64" if acc == tl.float64 else "fp32"
-        base = dict(MODE=mode, REVERSE=rev, ACC=acc, BLOCK_D=128, ROWS=2)  # 2 rows: same code, quicker build
+        # 2 rows: same code, quicker build; the DSN backward with the atan surrogate (the rect one is a subset)
+        base = dict(MODE=mode, SURROGATE=int(mode == 1 and rev), REVERSE=rev, ACC=acc, BLOCK_D=128, ROWS=2)
         out_sig = {"U": "*" + io, "G": "*" + st, "H": "*" + st, "H0": "*" + st, "X": "*" + io, "INIT": "*" + st,
                    "START": "*" + st, "CU": "*i64", "OUT": "*" + io, "OUT2": "*" + io, "FINAL": "*" + st, **scalars}
         _compile_for_sm90(ts._chunk_output_kernel, out_sig, dict(base, FROM_START=True, HAS_INIT=True, HAS_H0=rev,
                                                                   WRITE_OUT=True, WRITE_OUT2=True))
     _compile_for_sm90(ts._chunk_summary_kernel, {"U": "*bf16", "G": "*fp32", "H": "*fp32", "CU": "*i64", "E": "*fp32",
                                                  "A": "*fp32", **scalars},
-                      dict(MODE=1, REVERSE=True, ACC=tl.float32, BLOCK_D=128, ROWS=2))
+                      dict(MODE=1, SURROGATE=1, REVERSE=True, ACC=tl.float32, BLOCK_D=128, ROWS=2))
     _compile_for_sm90(ts._chunk_carry_kernel, {"INIT": "*fp32", "CU": "*i64", "E": "*fp32", "A": "*fp32",
                                                "START": "*fp32", "D": "i32", "max_chunks": "i32", "chunk_len": "i32"},
                       dict(HAS_INIT=True, REVERSE=False, ACC=tl.float32, BLOCK_D=128))
@@ -401,23 +403,24 @@ class TestKernels:
         torch.testing.assert_close(h[0, :2, -1].cpu(), torch.tensor([1.0, 1.5]), atol=1e-6, rtol=0)
         del x, g, h
 
-    @pytest.mark.parametrize("B,T,C,chunk,init,tau,N", [
-        (2, 11, 5, None, True, 0.25, 4), (2, 11, 5, 3, True, 0.25, 4), (1, 9, 20, 4, False, 0.5, 1),
+    @pytest.mark.parametrize("B,T,C,chunk,init,tau,N,surrogate", [
+        (2, 11, 5, None, True, 0.25, 4, "rect"), (2, 11, 5, 3, True, 0.25, 4, "rect"),
+        (1, 9, 20, 4, False, 0.5, 1, "atan"), (2, 11, 5, None, True, 0.25, 3, "atan"),
     ])
-    def test_kernel_dsn_fused_matches_torch_and_oracle(self, kernels, B, T, C, chunk, init, tau, N):
+    def test_kernel_dsn_fused_matches_torch_and_oracle(self, kernels, B, T, C, chunk, init, tau, N, surrogate):
         inputs = _dsn_inputs(B, T, C, init=init, history=init)
-        want = _dsn_oracle(inputs, tau=tau, N=N)
-        _assert_spikes_match(_dsn_kernel(inputs, tau=tau, N=N, chunk=chunk), want)
-        _assert_spikes_match(_dsn_op("torch", inputs, tau=tau, N=N), want)
+        want = _dsn_oracle(inputs, tau=tau, N=N, surrogate=surrogate)
+        _assert_spikes_match(_dsn_kernel(inputs, tau=tau, N=N, chunk=chunk, surrogate=surrogate), want)
+        _assert_spikes_match(_dsn_op("torch", inputs, tau=tau, N=N, surrogate=surrogate), want)
 
-    @pytest.mark.parametrize("chunk", [None, 2])
-    def test_kernel_dsn_fused_packed(self, kernels, chunk):
+    @pytest.mark.parametrize("chunk,surrogate", [(None, "rect"), (2, "rect"), (2, "atan")])
+    def test_kernel_dsn_fused_packed(self, kernels, chunk, surrogate):
         lengths = [4, 0, 6, 1]
         cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
         inputs = _dsn_inputs(1, int(cu[-1]), 3, n_init=len(lengths))
-        want = _dsn_oracle(inputs, cu)
-        _assert_spikes_match(_dsn_kernel(inputs, cu, chunk=chunk), want)
-        _assert_spikes_match(_dsn_op("torch", inputs, cu), want)
+        want = _dsn_oracle(inputs, cu, surrogate=surrogate)
+        _assert_spikes_match(_dsn_kernel(inputs, cu, chunk=chunk, surrogate=surrogate), want)
+        _assert_spikes_match(_dsn_op("torch", inputs, cu, surrogate=surrogate), want)
 
     def test_kernel_dsn_fused_bf16_matches_unfused(self, kernels):
         # bf16 X: the kernel must match the torch backend on the same bf16 input (float32 inside)
@@ -471,7 +474,7 @@ class TestKernels:
         x, w, b, h0, _ = (None if t is None else t.float().to(DEV) for t in _dsn_inputs(1, 6, 3))
         logit = torch.randn(1, 6, 3, device=DEV)
         torch.library.opcheck(torch.ops.spikelm.dsn_fused.default,
-                              (logit.requires_grad_(), x.requires_grad_(), h0.requires_grad_(), None, 0.25, 4, None))
+                              (logit.requires_grad_(), x.requires_grad_(), h0.requires_grad_(), None, 0.25, 4, 1, 2.0, None))
         m = DSN(3).to(DEV)
         st = m.initial_state(2, DEV)
         torch.library.opcheck(torch.ops.spikelm.dsn_step.default,

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops.dsn import BACKENDS, DSNState, dsn, dsn_step
+from ..ops.dsn import BACKENDS, DSNState, dsn, dsn_step, state_dtype
 from ..ops.decay import LOG_DECAY_FLOOR
 from .base import check_choice, check_positive_int, check_sequence_input, check_step_input
 from .spike import SPIKE_MODES, SURROGATES
@@ -102,8 +102,7 @@ class DSN(nn.Module):
 
     def initial_state(self, batch_size: int, device=None, dtype=torch.float32) -> DSNState:
         """A fresh neuron: zero membrane (float32; float64 for float64 inputs), zero conv history in dtype."""
-        membrane_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        return DSNState(torch.zeros(batch_size, self.channels, device=device, dtype=membrane_dtype),
+        return DSNState(torch.zeros(batch_size, self.channels, device=device, dtype=state_dtype(dtype)),
                         torch.zeros(batch_size, self.kernel_size - 1, self.channels, device=device, dtype=dtype))
 
     def macs_per_element_step(self, positions: torch.Tensor) -> float:

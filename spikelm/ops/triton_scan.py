@@ -100,13 +100,14 @@ if triton is not None:
             return v
 
     @triton.jit
-    def _tile_inputs(t, valid, eos, U, G, H, offs, dmask, D, tau, max_spike,
-                     MODE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr):
+    def _tile_inputs(t, valid, eos, U, G, H, offs, dmask, D, tau, max_spike, sa,
+                     MODE: tl.constexpr, SURROGATE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr):
         """For a tile of steps t [ROWS] (in processing order): inputs u and log-decays dec [ROWS, BLOCK_D].
 
         forward:  state_t = exp(dec_t) state_{t-1} + u_t,  dec_t = g_t, u_t = x_t (or the DSN drive)
         reverse:  state_t = exp(dec_t) state_{t+1} + u_t,  dec_t = g_{t+1} (0 past the sequence end,
-                  so the final-state gradient enters undecayed), u_t = dh_t (DSN: dS_t * rect'(H_t))
+                  so the final-state gradient enters undecayed), u_t = dh_t (DSN: dS_t * S'(H_t), the
+                  surrogate's slope: SURROGATE 0 rect, 1 atan with sharpness sa)
         Rows past the chunk end get u = 0 and dec = 0: the state passes through them unchanged.
         All the elementwise work happens here, for the whole tile, off the serial path.
         """
@@ -119,7 +120,14 @@ if triton is not None:
             dec = tl.where(has_next[:, None], _log_decay(v, tau, MODE), 0.0)
             if MODE == 1:
                 h = tl.load(H + p, mask=m, other=0.0)
-                u = tl.where((h >= 0.0) & (h <= max_spike), u, 0.0)  # rect surrogate
+                if SURROGATE == 0:  # rect: straight through on the clip range
+                    u = tl.where((h >= 0.0) & (h <= max_spike), u, 0.0)
+                else:  # atan: one bump (sa/2) / (1 + (pi/2 sa (h - c))^2) per threshold c = 1/2, 3/2, ..., N - 1/2
+                    slope = tl.zeros_like(h)
+                    for c in range(0, max_spike):
+                        z = (1.5707963267948966 * sa) * (h - (c + 0.5))
+                        slope += (0.5 * sa) / (1.0 + z * z)
+                    u = u * slope
         else:
             v = tl.load(G + p, mask=m, other=0.0).to(ACC)
             dec = tl.where(valid[:, None], _log_decay(v, tau, MODE), 0.0)
@@ -164,8 +172,8 @@ if triton is not None:
         return bos, eos, cs, ce
 
     @triton.jit
-    def _chunk_summary_kernel(U, G, H, CU, E, A, D, max_chunks, chunk_len, tau, max_spike,
-                              MODE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
+    def _chunk_summary_kernel(U, G, H, CU, E, A, D, max_chunks, chunk_len, tau, max_spike, sa,
+                              MODE: tl.constexpr, SURROGATE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
                               BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
         """Pass 1: chunk end state from a zero start (E) and the chunk's summed log-decay (A)."""
         c, i_d, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -178,7 +186,8 @@ if triton is not None:
         a = tl.zeros([BLOCK_D], dtype=ACC)
         for tb in range(0, ce - cs, ROWS):
             t, valid = _tile_steps(cs, ce, tb, ROWS, REVERSE)
-            u, dec = _tile_inputs(t, valid, eos, U, G, H, offs, dmask, D, tau, max_spike, MODE, REVERSE, ACC)
+            u, dec = _tile_inputs(t, valid, eos, U, G, H, offs, dmask, D, tau, max_spike, sa, MODE, SURROGATE,
+                                  REVERSE, ACC)
             _, s = _tile_recurrence(s, u, dec, ROWS)
             a += tl.sum(dec, axis=0)
         q = (n.to(tl.int64) * max_chunks + c) * D + offs
@@ -211,8 +220,8 @@ if triton is not None:
 
     @triton.jit
     def _chunk_output_kernel(U, G, H, H0, X, INIT, START, CU, OUT, OUT2, FINAL,
-                             D, max_chunks, chunk_len, tau, max_spike,
-                             MODE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
+                             D, max_chunks, chunk_len, tau, max_spike, sa,
+                             MODE: tl.constexpr, SURROGATE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
                              FROM_START: tl.constexpr, HAS_INIT: tl.constexpr, HAS_H0: tl.constexpr,
                              WRITE_OUT: tl.constexpr, WRITE_OUT2: tl.constexpr, BLOCK_D: tl.constexpr,
                              ROWS: tl.constexpr):
@@ -238,7 +247,8 @@ if triton is not None:
             s = tl.zeros([BLOCK_D], dtype=ACC)
         for tb in range(0, ce - cs, ROWS):
             t, valid = _tile_steps(cs, ce, tb, ROWS, REVERSE)
-            u, dec = _tile_inputs(t, valid, eos, U, G, H, offs, dmask, D, tau, max_spike, MODE, REVERSE, ACC)
+            u, dec = _tile_inputs(t, valid, eos, U, G, H, offs, dmask, D, tau, max_spike, sa, MODE, SURROGATE,
+                                  REVERSE, ACC)
             states, s = _tile_recurrence(s, u, dec, ROWS)
             p = t[:, None] * D + offs[None, :]
             m = valid[:, None] & dmask[None, :]
@@ -320,9 +330,11 @@ def packed_layout(B: int, T: int, cu_seqlens, device):
 
 def run_scan_kernels(*, mode: int, reverse: bool, U, G, cu, n_seqs: int, max_len: int, D: int,
                      out, final, out2=None, H=None, H0=None, X=None, init=None,
-                     tau: float = 1.0, max_spike: float = 0.0, acc=None, chunk_len: int | None = None,
-                     rows: int | None = None):
+                     tau: float = 1.0, max_spike: int = 0, surrogate: int = 0, surrogate_alpha: float = 0.0,
+                     acc=None, chunk_len: int | None = None, rows: int | None = None):
     """Launch passes 1-3 over rows [sum of lengths, D] (all tensors contiguous, flat per row).
+
+    DSN mode: surrogate 0 (rect) or 1 (atan, sharpness surrogate_alpha) sets the backward's dS/dH.
 
     final must be pre-filled by the caller for empty sequences (the initial state, or zeros).
     """
@@ -345,15 +357,15 @@ def run_scan_kernels(*, mode: int, reverse: bool, U, G, cu, n_seqs: int, max_len
     dummy = final  # never touched where its flag is off
     if not rows:  # the interpreter pays per row: no full tile for a short chunk (a GPU keeps one variant)
         rows = min(TILE_ROWS, max(2, triton.next_power_of_2(L))) if interpreted() else TILE_ROWS
-    common = dict(MODE=mode, REVERSE=reverse, ACC=acc, BLOCK_D=BLOCK_D, ROWS=rows)
+    common = dict(MODE=mode, SURROGATE=surrogate, REVERSE=reverse, ACC=acc, BLOCK_D=BLOCK_D, ROWS=rows)
     start = None
     if max_chunks > 1:
         E = torch.empty(n_seqs, max_chunks, D, device=U.device, dtype=buf_dtype)
         A = torch.empty_like(E)
         start = torch.empty_like(E)
         _chunk_summary_kernel[(max_chunks, n_d, n_seqs)](
-            U, G, H if H is not None else dummy, cu, E, A, D, max_chunks, L, float(tau), float(max_spike),
-            num_warps=num_warps, **common)
+            U, G, H if H is not None else dummy, cu, E, A, D, max_chunks, L, float(tau), int(max_spike),
+            float(surrogate_alpha), num_warps=num_warps, **common)
         _chunk_carry_kernel[(n_d, n_seqs)](
             init if init is not None else dummy, cu, E, A, start, D, max_chunks, L,
             HAS_INIT=init is not None, REVERSE=reverse, ACC=acc, BLOCK_D=BLOCK_D, num_warps=num_warps)
@@ -361,8 +373,8 @@ def run_scan_kernels(*, mode: int, reverse: bool, U, G, cu, n_seqs: int, max_len
         U, G, H if H is not None else dummy, H0 if H0 is not None else dummy, X if X is not None else dummy,
         init if init is not None else dummy, start if start is not None else dummy, cu,
         out if out is not None else dummy,
-        out2 if out2 is not None else dummy, final, D, max_chunks, L, float(tau), float(max_spike),
-        FROM_START=start is not None, HAS_INIT=init is not None, HAS_H0=H0 is not None,
+        out2 if out2 is not None else dummy, final, D, max_chunks, L, float(tau), int(max_spike),
+        float(surrogate_alpha), FROM_START=start is not None, HAS_INIT=init is not None, HAS_H0=H0 is not None,
         WRITE_OUT=out is not None, WRITE_OUT2=out2 is not None, num_warps=num_warps, **common)
 
 

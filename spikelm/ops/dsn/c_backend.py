@@ -82,13 +82,6 @@ def unsupported(x: torch.Tensor, kernel_size: int, tau: float, surrogate: str, o
     return None
 
 
-def run(x, weight, bias, history, h0, cu_seqlens, tau, max_spike, surrogate, surrogate_alpha, output_membrane):
-    """(spikes, final membrane, None) through the C kernel."""
-    spikes, last = DSNCpuFunction.apply(x, weight, bias, history, h0, cu_seqlens, tau, max_spike, surrogate,
-                                        surrogate_alpha)
-    return spikes, last, None
-
-
 def _rows_with_contiguous_channels(x: torch.Tensor) -> torch.Tensor:
     """x itself when its channels are contiguous (a chunk of a projection's output is read in place: copying
     a fresh [B, T, C] costs its page faults), else a contiguous copy."""
@@ -181,3 +174,10 @@ class DSNCpuFunction(torch.autograd.Function):
                     d_history[:, m] += wT[m - t] * da_head[:, t]
         return (dx.to(x_dtype), dw_part.sum(0).t().to(w_dtype), db_part.sum(0).to(w_dtype), d_history, dh0,
                 None, None, None, None, None)
+
+
+def run(x, weight, bias, history, h0, cu_seqlens, tau, max_spike, surrogate, surrogate_alpha, output_membrane):
+    """(spikes, final membrane, None) through the C kernel."""
+    spikes, last = DSNCpuFunction.apply(x, weight, bias, history, h0, cu_seqlens, tau, max_spike, surrogate,
+                                        surrogate_alpha)
+    return spikes, last, None

@@ -9,7 +9,9 @@ Backends (BACKENDS), named alike in the op, the step and neurons.DSN(backend=...
   "torch"  one autograd Function with a hand-written in-place backward (torch_backend.py): any device
   "c"      the compiled CPU kernel, one pass over time each way (c_backend.py, csrc/dsn_cpu.c)
   "triton" the fused GPU kernel after a torch conv, and the one-kernel decode step (triton_backend.py)
-  "auto"   CUDA: triton, else torch; other devices: c, else torch (the first that supports the call)
+  "auto"   CUDA: triton, else torch; other devices: c, else torch (the first that supports the call;
+           each backend's `unsupported` says what it cannot run: e.g. only torch and naive return the
+           membrane, float64 computes in float64 on torch and naive only)
 An explicit backend that cannot run a call raises ValueError saying why; only "auto" falls back.
 The backend that ran is noted for ops.record_backends ("dsn" or "dsn_step", name).
 
@@ -54,9 +56,9 @@ class DSNOutput(NamedTuple):
     membrane: torch.Tensor | None
 
 
-def state_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype of membranes for inputs like x: float64 for float64, else float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of membranes for inputs of `dtype`: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_params(who, x, shape, weight, bias, tau, max_spike, surrogate, backend):
@@ -134,7 +136,7 @@ def dsn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tau: float = 
     h0 = None if initial_state is None else initial_state.membrane
     name = resolve_backend(backend, x, k, tau, surrogate, output_membrane)
     note_backend("dsn", name)
-    sdt = state_dtype(x)
+    sdt = state_dtype(x.dtype)
     if name == "naive":
         spikes, membrane, last, conv = naive_dsn(x, weight, bias, tau, max_spike, surrogate, surrogate_alpha, history,
                                                  h0, cu_seqlens)
@@ -163,7 +165,7 @@ def dsn_step(x_t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tau: f
     B, C = x_t.shape
     k = weight.shape[1]
     _check_state("dsn_step", state, B, B, k, C, False)
-    sdt = state_dtype(x_t)
+    sdt = state_dtype(x_t.dtype)
     membrane = x_t.new_zeros(B, C, dtype=sdt) if state is None or state.membrane is None else state.membrane
     conv = x_t.new_zeros(B, k - 1, C) if state is None or state.conv is None else state.conv
     name = backend
@@ -181,9 +183,8 @@ def dsn_step(x_t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tau: f
     if name == "naive":
         spikes, _, h, new_conv = naive_dsn(x_t.unsqueeze(1), weight, bias, tau, max_spike, surrogate, surrogate_alpha,
                                            conv, membrane)
-        spikes = spikes[:, 0]
-    else:
-        impl = triton_backend if name == "triton" else torch_backend
-        spikes, h, new_conv = impl.step(x_t, weight, bias, conv, membrane, float(tau), int(max_spike), surrogate,
-                                        float(surrogate_alpha))
-    return spikes.to(x_t.dtype), DSNState(h.to(sdt), new_conv.to(x_t.dtype))
+        return spikes[:, 0].to(x_t.dtype), DSNState(h.to(sdt), new_conv.to(x_t.dtype))
+    impl = triton_backend if name == "triton" else torch_backend  # (both return these dtypes already)
+    spikes, h, new_conv = impl.step(x_t, weight, bias, conv, membrane, float(tau), int(max_spike), surrogate,
+                                    float(surrogate_alpha))
+    return spikes, DSNState(h, new_conv)

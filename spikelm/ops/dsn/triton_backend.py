@@ -9,8 +9,8 @@ with the chunked scan of ops/triton_scan.py in its DSN mode, writing only the sp
 state: nothing between a' and S goes to memory. (When chunks are needed to fill the GPU, a' and X
 are read twice: once for the chunk summaries, once for the output pass.) The backward
 (`spikelm::dsn_fused_backward`) recomputes H in float32 (nothing in low precision is saved) and
-runs the adjoint recurrence with the rect surrogate (dS passes where 0 <= H <= N), giving d a', d X
-and d H_0; autograd carries d a' through the conv.
+runs the adjoint recurrence with the surrogate's slope (rect: dS passes where 0 <= H <= N; atan: a
+bump per threshold), giving d a', d X and d H_0; autograd carries d a' through the conv.
 
 Step: `spikelm::dsn_step`, one kernel per token for a whole DSN layer: conv taps, decay, membrane,
 spike and the shifted conv history, written to new buffers; its fake impl lets torch.compile trace
@@ -50,8 +50,6 @@ def unsupported(x: torch.Tensor, kernel_size: int, tau: float, surrogate: str, o
         return f"it needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got a {x.device} tensor"
     if x.dtype == torch.float64:
         return "it computes in float32 (float64 goes to the torch backend)"
-    if surrogate != "rect":
-        return f"its backward has the rect surrogate only, got {surrogate!r}"
     if output_membrane:
         return "it does not return the membrane (it writes spikes and the final state only)"
     return None
@@ -67,7 +65,8 @@ def run(x, weight, bias, history, h0, cu_seqlens, tau, max_spike, surrogate, sur
     xf = x.float()
     window = torch.cat([xf.new_zeros(B, k - 1, C) if history is None else history.float(), xf], dim=1)
     logit = decay_logit(window, weight, bias, T, None if cu_seqlens is None else document_starts(cu_seqlens))
-    spikes, last = fused_op(logit, x, h0, cu_seqlens, float(tau), int(max_spike), chunk_len)
+    spikes, last = fused_op(logit, x, h0, cu_seqlens, float(tau), int(max_spike), SURROGATE_CODES[surrogate],
+                            float(surrogate_alpha), chunk_len)
     return spikes, last, None
 
 
@@ -91,7 +90,8 @@ def _triton_fused_forward(logit, x, h0, cu_seqlens, tau, max_spike, chunk_len=No
     return spikes, final
 
 
-def _triton_fused_backward(grad_s, grad_last, logit, x, h0, cu_seqlens, tau, max_spike, chunk_len=None):
+def _triton_fused_backward(grad_s, grad_last, logit, x, h0, cu_seqlens, tau, max_spike, surrogate, surrogate_alpha,
+                           chunk_len=None):
     x, logit = x.contiguous(), logit.contiguous()
     h0f = None if h0 is None else h0.float().contiguous()
     # recompute the membrane in float32: cheaper than saving it, and nothing is kept in low precision
@@ -104,22 +104,28 @@ def _triton_fused_backward(grad_s, grad_last, logit, x, h0, cu_seqlens, tau, max
     d_h0 = seed.clone()  # an empty sequence passes its final-state gradient straight to its initial state
     _ts.run_scan_kernels(mode=_ts.MODE_DSN, reverse=True, U=grad_s.contiguous(), G=logit, H=membrane, H0=h0f, X=x,
                          cu=cu, n_seqs=N, max_len=max_len, D=C, out=d_logit, out2=d_x, final=d_h0, init=seed,
-                         tau=tau, max_spike=max_spike, acc=tl.float32, chunk_len=chunk_len)
+                         tau=tau, max_spike=max_spike, surrogate=surrogate, surrogate_alpha=surrogate_alpha,
+                         acc=tl.float32, chunk_len=chunk_len)
     return d_logit, d_x, (None if h0 is None else d_h0.to(h0.dtype))
 
 
 # custom ops (one opaque node each for torch.compile): the sequence forward and its backward.
-# fused_op(logit, x, h0, cu_seqlens, tau, max_spike, chunk_len) -> (spikes, final membrane) is the backend's
-# building block after the conv (benchmarks/gpu_check.py times it alone).
+# fused_op(logit, x, h0, cu_seqlens, tau, max_spike, surrogate, surrogate_alpha, chunk_len) -> (spikes, final
+# membrane) is the backend's building block after the conv (benchmarks/gpu_check.py times it alone);
+# surrogate: SURROGATE_CODES' 0 (rect) or 1 (atan, sharpness surrogate_alpha).
+SURROGATE_CODES = {"rect": 0, "atan": 1}
+
+
 @torch.library.custom_op("spikelm::dsn_fused", mutates_args=())
 def fused_op(logit: torch.Tensor, x: torch.Tensor, h0: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-                  tau: float, max_spike: int, chunk_len: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+             tau: float, max_spike: int, surrogate: int, surrogate_alpha: float,
+             chunk_len: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
     _require_triton(x)
     return _triton_fused_forward(logit, x, h0, cu_seqlens, tau, max_spike, chunk_len)
 
 
 @fused_op.register_fake
-def _(logit, x, h0, cu_seqlens, tau, max_spike, chunk_len):
+def _(logit, x, h0, cu_seqlens, tau, max_spike, surrogate, surrogate_alpha, chunk_len):
     n = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     return torch.empty_like(x), x.new_empty(n, x.shape[-1], dtype=torch.float32)
 
@@ -127,34 +133,35 @@ def _(logit, x, h0, cu_seqlens, tau, max_spike, chunk_len):
 @torch.library.custom_op("spikelm::dsn_fused_backward", mutates_args=())
 def _dsn_fused_backward_op(grad_s: torch.Tensor, grad_last: torch.Tensor, logit: torch.Tensor, x: torch.Tensor,
                            h0: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], tau: float, max_spike: int,
+                           surrogate: int, surrogate_alpha: float,
                            chunk_len: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _require_triton(x)
-    dl, dx, dh0 = _triton_fused_backward(grad_s, grad_last, logit, x, h0, cu_seqlens, tau, max_spike, chunk_len)
+    dl, dx, dh0 = _triton_fused_backward(grad_s, grad_last, logit, x, h0, cu_seqlens, tau, max_spike, surrogate,
+                                         surrogate_alpha, chunk_len)
     # custom ops cannot return None: an absent initial state gets an empty gradient placeholder
     return dl, dx, (dh0 if dh0 is not None else x.new_empty(0))
 
 
 @_dsn_fused_backward_op.register_fake
-def _(grad_s, grad_last, logit, x, h0, cu_seqlens, tau, max_spike, chunk_len):
+def _(grad_s, grad_last, logit, x, h0, cu_seqlens, tau, max_spike, surrogate, surrogate_alpha, chunk_len):
     return torch.empty_like(logit), torch.empty_like(x), (torch.empty_like(h0) if h0 is not None else x.new_empty(0))
 
 
 def _fused_setup_context(ctx, inputs, output):
-    logit, x, h0, cu_seqlens, tau, max_spike, chunk_len = inputs
+    logit, x, h0, cu_seqlens, tau, max_spike, surrogate, surrogate_alpha, chunk_len = inputs
     ctx.save_for_backward(logit, x, h0, cu_seqlens)
-    ctx.args = (tau, max_spike, chunk_len)
+    ctx.args = (tau, max_spike, surrogate, surrogate_alpha, chunk_len)
 
 
 def _fused_backward(ctx, grad_s, grad_last):
     logit, x, h0, cu_seqlens = ctx.saved_tensors
-    tau, max_spike, chunk_len = ctx.args
     n = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if grad_s is None:
         grad_s = torch.zeros_like(x)
     if grad_last is None:
         grad_last = x.new_zeros(n, x.shape[-1], dtype=torch.float32)
-    dl, dx, dh0 = _dsn_fused_backward_op(grad_s, grad_last, logit, x, h0, cu_seqlens, tau, max_spike, chunk_len)
-    return dl, dx, (dh0 if h0 is not None else None), None, None, None, None
+    dl, dx, dh0 = _dsn_fused_backward_op(grad_s, grad_last, logit, x, h0, cu_seqlens, *ctx.args)
+    return dl, dx, (dh0 if h0 is not None else None), None, None, None, None, None, None
 
 
 fused_op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
