@@ -1,28 +1,22 @@
 """Spiking analysis: firing rates, spikes per token, synaptic-operation energy, and the unfolding check.
 
-Energy model (Yao et al., Spike-driven Transformer, 2023; ../shared/spec/DSN.md section 4): a
-multiply-accumulate (MAC) costs 4.6 pJ and an accumulate (AC) 0.9 pJ (45 nm), both configurable.
-What is counted, per token, by forward hooks on one run of the model (no change to the model):
+Energy model (Yao et al., Spike-driven Transformer, 2023; docs/energy.md): a multiply-accumulate
+(MAC) costs 4.6 pJ and an accumulate (AC) 0.9 pJ (45 nm), both configurable. Counted per token by
+forward hooks on one run of the model (no change to the model), from what each module declares
+about itself (spikelm.layers.op_counts):
 
-- Linear layer fed by spikes (every input value an integer >= 0, checked at run time): an integer
-  spike n on an input is n binary events, each adding one weight column: sum(input spikes) x
-  out_features ACs (+ out_features ACs for a bias). A Linear fed by anything else: dense MACs.
-- Same Linear in the non-spiking network: tokens x in_features x out_features MACs.
-- RMSNorm in front of every neuron: 2 MACs per element (square-accumulate, scale by rsqrt x gain).
-- The neuron itself, per element and step: DSN: k (causal conv taps, bias folded) + 1 (sigmoid)
-  + 1 (the power 1/tau) + 2 (membrane update alpha*H + (1-alpha)*X) = k + 4 MACs; LIF: 2 (leak and
-  charge) + 1 (reset) MACs; sliding PSN: k MACs; PSN: one MAC per time tap used (t + 1 at step t, up
-  to T). The threshold compare / round / clip is not counted (a comparator, no arithmetic).
-- Attention blocks: Q.K^T scores and the attention-weighted sum of V are MACs (head_dim per key
-  each, keys = min(window, position + 1)), the softmax 1 MAC per score, RoPE 2 MACs per element of
-  Q and K. These are the same in the non-spiking network.
-- The SSM gate y * g (integer spike x binary spike) is a select: counted as 1 AC per element in
-  the spiking network, 1 MAC per element in the non-spiking one.
-- Residual additions: 1 AC per element in both networks.
-- Not counted: the embedding lookup (a read, no arithmetic) and the softmax over the vocabulary
-  (sampling, not the network). Memory traffic is not modelled (the 45 nm estimate counts
-  arithmetic only), and the non-spiking network is "the same graph with dense Linear layers",
-  not a separately trained ANN.
+- nn.Linear (any subclass) fed by spikes (every input value an integer >= 0, checked at run time):
+  an integer spike n on an input is n binary events, each adding one weight column: sum(input
+  spikes) x out_features ACs (+ out_features ACs for a bias). A Linear fed by anything else: dense
+  MACs. In the non-spiking network: tokens x in_features x out_features MACs.
+- every other module with arithmetic declares `op_counts(inputs)`: its own operations per call by
+  category, in the spiking network and the dense one. NeuronLayer: its norm (2 MACs per element) and
+  its neuron, which declares `macs_per_element_step(positions)` (DSN k + 4, LIF 3, sliding PSN k,
+  PSN t + 1 taps up to T); the blocks: attention, RoPE, the SSM gate, residual additions.
+- containers and the embedding lookup have no arithmetic; the softmax over the vocabulary
+  (sampling) is not counted. A module that is none of these is an error when the counter starts.
+Memory traffic is not modelled (the 45 nm estimate counts arithmetic only), and the non-spiking
+network is "the same graph with dense Linear layers", not a separately trained ANN.
 """
 from __future__ import annotations
 
@@ -36,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import NeuronLayer, SpikingAttentionBlock, SpikingSSMBlock
-from ..neurons import DSN, LIF, PSN, SlidingPSN, unfold_spikes
+from ..layers import NeuronLayer, OpCount
+from ..neurons import unfold_spikes
 from .firing import FiringRateMonitor
 
 MAC_PJ = 4.6
@@ -65,14 +59,23 @@ def _group_key(name: str, block_types: list[str]) -> str:
     return f"{block_types[int(m.group(1))]}.{m.group(2)}"
 
 
-def _neuron_macs_per_element(neuron: nn.Module) -> float | None:
-    if isinstance(neuron, DSN):
-        return neuron.kernel_size + 4
-    if isinstance(neuron, LIF):
-        return 3
-    if isinstance(neuron, SlidingPSN):
-        return getattr(neuron, "k", 4)
-    return None  # PSN: depends on the position, handled apart
+# modules with no arithmetic of their own: containers, and the embedding (a table lookup)
+NO_ARITHMETIC = (nn.ModuleList, nn.ModuleDict, nn.Sequential, nn.ParameterList, nn.ParameterDict, nn.Identity,
+                 nn.Dropout, nn.Embedding)
+
+
+def undeclared_modules(model: nn.Module) -> list[str]:
+    """The modules whose operations the counter would not know: neither a Linear, nor declaring op_counts, nor a
+    neuron run by a NeuronLayer (declaring macs_per_element_step), nor free of arithmetic."""
+    run_by_layer = {id(m.neuron) for m in model.modules() if isinstance(m, NeuronLayer)}
+    missing = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, *NO_ARITHMETIC)) or callable(getattr(module, "op_counts", None)):
+            continue
+        if id(module) in run_by_layer and callable(getattr(module, "macs_per_element_step", None)):
+            continue
+        missing.append(f"{name or '(the model)'} ({type(module).__name__})")
+    return missing
 
 
 class EnergyCounter:
@@ -94,14 +97,13 @@ class EnergyCounter:
         self.counts = {net: defaultdict(lambda: defaultdict(lambda: {"mac": 0.0, "ac": 0.0}))
                        for net in ("spiking", "dense")}
 
-    def _add(self, layer: str, category: str, mac: float = 0.0, ac: float = 0.0, dense_mac: float | None = None,
-             dense_ac: float | None = None) -> None:
+    def _add(self, layer: str, category: str, count: OpCount) -> None:
         s = self.counts["spiking"][layer][category]
-        s["mac"] += mac
-        s["ac"] += ac
+        s["mac"] += count.mac
+        s["ac"] += count.ac
         d = self.counts["dense"][layer][category]
-        d["mac"] += mac if dense_mac is None else dense_mac
-        d["ac"] += ac if dense_ac is None else dense_ac
+        d["mac"] += count.mac if count.dense_mac is None else count.dense_mac
+        d["ac"] += count.ac if count.dense_ac is None else count.dense_ac
 
     # -- hooks ---------------------------------------------------------------------------------
     def _linear_hook(self, name):
@@ -113,60 +115,31 @@ class EnergyCounter:
             spiking = _is_spike_tensor(x)
             self.spike_fed[name] = self.spike_fed.get(name, True) and spiking
             if spiking:
-                self._add(_layer_key(name), "linear", ac=float(x.double().sum()) * module.out_features + bias,
-                          dense_mac=dense, dense_ac=bias)
+                count = OpCount(ac=float(x.double().sum()) * module.out_features + bias, dense_mac=dense, dense_ac=bias)
             else:
-                self._add(_layer_key(name), "linear", mac=dense, ac=bias)
+                count = OpCount(mac=dense, ac=bias)
+            self._add(_layer_key(name), "linear", count)
         return hook
 
-    def _neuron_hook(self, name):
-        def hook(module: NeuronLayer, args, output):
-            x, ctx = args[0], args[1]
-            elements = x.numel()
+    def _declared_hook(self, name):
+        def hook(module: nn.Module, args, output):
             layer = _layer_key(name)
-            self._add(layer, "norm", mac=2.0 * elements)
-            per = _neuron_macs_per_element(module.neuron)
-            if per is not None:
-                self._add(layer, "neuron", mac=float(per) * elements)
-            elif isinstance(module.neuron, PSN):
-                pos = ctx.positions.double()
-                taps = torch.clamp(pos + 1, max=module.neuron.T if hasattr(module.neuron, "T") else math.inf)
-                self._add(layer, "neuron", mac=float(taps.sum()) * x.shape[-1])
-        return hook
-
-    def _attention_hook(self, name):
-        def hook(module: SpikingAttentionBlock, args, output):
-            x, ctx = args[0], args[1]
-            B, T, D = x.shape
-            pos = ctx.positions.double()
-            keys = pos + 1 if module.window is None else torch.clamp(pos + 1, max=module.window)
-            n_keys = float(keys.sum())  # over queries
-            layer = _layer_key(name)
-            self._add(layer, "attention", mac=2.0 * n_keys * D + n_keys * module.num_heads)
-            self._add(layer, "rotary", mac=2.0 * 2 * B * T * D)
-            self._add(layer, "residual", ac=2.0 * B * T * D)
-        return hook
-
-    def _ssm_hook(self, name):
-        def hook(module: SpikingSSMBlock, args, output):
-            x = args[0]
-            B, T, D = x.shape
-            inner = module.out_proj.in_features
-            layer = _layer_key(name)
-            self._add(layer, "gate", ac=float(B * T * inner), dense_mac=float(B * T * inner), dense_ac=0.0)
-            self._add(layer, "residual", ac=2.0 * B * T * D)
+            for category, count in module.op_counts(args).items():
+                self._add(layer, category, count)
         return hook
 
     def __enter__(self) -> "EnergyCounter":
+        missing = undeclared_modules(self.model)
+        if missing:
+            raise TypeError("EnergyCounter: these modules declare no operation counts, so their energy would be "
+                            f"miscounted: {', '.join(missing)}. Give each an op_counts(inputs) method (return {{}} "
+                            "when it has no arithmetic of its own; spikelm/layers/op_counts.py), and each neuron a "
+                            "macs_per_element_step(positions) method")
         for name, module in self.model.named_modules():
             if isinstance(module, nn.Linear):
                 self._handles.append(module.register_forward_hook(self._linear_hook(name)))
-            elif isinstance(module, NeuronLayer):
-                self._handles.append(module.register_forward_hook(self._neuron_hook(name)))
-            elif isinstance(module, SpikingAttentionBlock):
-                self._handles.append(module.register_forward_hook(self._attention_hook(name)))
-            elif isinstance(module, SpikingSSMBlock):
-                self._handles.append(module.register_forward_hook(self._ssm_hook(name)))
+            elif callable(getattr(module, "op_counts", None)):
+                self._handles.append(module.register_forward_hook(self._declared_hook(name)))
         return self
 
     def __exit__(self, *exc) -> None:

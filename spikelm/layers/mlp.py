@@ -5,6 +5,7 @@ from torch import nn
 
 from .context import SequenceContext
 from .neuron_layer import NeuronLayer
+from .op_counts import OpCount
 
 
 class SpikingMLP(nn.Module):
@@ -17,6 +18,10 @@ class SpikingMLP(nn.Module):
         self.fc1.feeds_neuron = True
         self.hidden_spikes = NeuronLayer(intermediate_size, neuron_kwargs, eps, normalize=False)
         self.fc2 = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def op_counts(self, inputs) -> dict[str, OpCount]:
+        """Energy accounting: no arithmetic of its own (its linears and neuron layers count theirs)."""
+        return {}
 
     def forward(self, x: torch.Tensor, ctx: SequenceContext, state: dict | None, return_state: bool):
         state = state or {}

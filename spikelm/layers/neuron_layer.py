@@ -7,6 +7,7 @@ from torch import nn
 from ..neurons import DSN, PSN, build_neuron
 from .context import SequenceContext
 from .norm import RMSNorm
+from .op_counts import OpCount
 
 
 # The residual stream reaches a neuron at RMS 2 (the norm's initial gain): membranes then span the
@@ -40,6 +41,14 @@ class NeuronLayer(nn.Module):
     @property
     def has_serial_state(self) -> bool:
         return not isinstance(self.neuron, PSN)
+
+    def op_counts(self, inputs) -> dict[str, OpCount]:
+        """Energy accounting: 2 MACs per input element for the norm in front of the neuron (the energy model
+        counts it for every neuron layer), and the neuron's MACs per channel and step at the steps' positions."""
+        x, ctx = inputs[0], inputs[1]
+        per_step = torch.as_tensor(self.neuron.macs_per_element_step(ctx.positions), dtype=torch.float64)
+        neuron = float(per_step.expand(ctx.positions.shape).sum()) * x.shape[-1]
+        return {"norm": OpCount(mac=2.0 * x.numel()), "neuron": OpCount(mac=neuron)}
 
     def forward(self, x: torch.Tensor, ctx: SequenceContext, state=None, return_state: bool = False):
         spikes, new_state = self._run(ctx.mask_input(self.norm(x) if self.norm is not None else x), ctx, state,

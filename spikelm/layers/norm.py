@@ -2,6 +2,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .op_counts import OpCount
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned gain (starting at init_scale), computed in float32."""
@@ -11,6 +13,10 @@ class RMSNorm(nn.Module):
         self.init_scale = float(init_scale)
         self.weight = nn.Parameter(torch.full((hidden_size,), self.init_scale))
         self.eps = eps
+
+    def op_counts(self, inputs) -> dict[str, OpCount]:
+        """Energy accounting: none of its own here; the NeuronLayer that owns the norm counts it."""
+        return {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)

@@ -17,6 +17,7 @@ from torch import nn
 from .context import SequenceContext
 from .mlp import SpikingMLP
 from .neuron_layer import NeuronLayer
+from .op_counts import OpCount
 from .rotary import rotary_embedding
 
 
@@ -79,6 +80,19 @@ class SpikingAttentionBlock(nn.Module):
         self.o_spikes = NeuronLayer(hidden_size, neuron_kwargs, eps, normalize=False)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.mlp = SpikingMLP(hidden_size, intermediate_size, neuron_kwargs, eps)
+
+    def op_counts(self, inputs) -> dict[str, OpCount]:
+        """Energy accounting (the same in the dense network): Q.K^T and the weighted sum of V, head_dim MACs per
+        key each (keys = min(window, position + 1)), 1 MAC per score for the softmax; RoPE 2 MACs per element of
+        Q and K; the two residual additions 1 AC per element each."""
+        x, ctx = inputs[0], inputs[1]
+        B, T, D = x.shape
+        keys = ctx.positions.double() + 1
+        if self.window is not None:
+            keys = torch.clamp(keys, max=self.window)
+        n_keys = float(keys.sum())  # over the queries
+        return {"attention": OpCount(mac=2.0 * n_keys * D + n_keys * self.num_heads),
+                "rotary": OpCount(mac=2.0 * 2 * B * T * D), "residual": OpCount(ac=2.0 * B * T * D)}
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape

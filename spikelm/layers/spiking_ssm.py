@@ -17,6 +17,7 @@ from torch import nn
 from .context import SequenceContext
 from .mlp import SpikingMLP
 from .neuron_layer import NeuronLayer
+from .op_counts import OpCount
 
 
 class SpikingSSMBlock(nn.Module):
@@ -31,6 +32,13 @@ class SpikingSSMBlock(nn.Module):
         self.gate = NeuronLayer(inner, gate_kwargs, eps, normalize=False)
         self.out_proj = nn.Linear(inner, hidden_size, bias=False)
         self.mlp = SpikingMLP(hidden_size, intermediate_size, neuron_kwargs, eps)
+
+    def op_counts(self, inputs) -> dict[str, OpCount]:
+        """Energy accounting: the gate y * g (integer spike x binary spike: a select, 1 AC per element; 1 MAC in
+        the dense network) and the two residual additions (1 AC per element each)."""
+        B, T, D = inputs[0].shape
+        gated = float(B * T * self.out_proj.in_features)
+        return {"gate": OpCount(ac=gated, dense_mac=gated, dense_ac=0.0), "residual": OpCount(ac=2.0 * B * T * D)}
 
     def forward(self, x: torch.Tensor, ctx: SequenceContext, state: dict | None = None, return_state: bool = False):
         state = state or {}

@@ -55,6 +55,10 @@ class SpikeLMPreTrainedModel(PreTrainedModel):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # SpikeLMCache is made in prepare_inputs_for_generation
 
+    def op_counts(self, inputs) -> dict:
+        """Energy accounting (spikelm.eval.energy): no arithmetic of its own; its submodules count theirs."""
+        return {}
+
     def _init_weights(self, module: nn.Module) -> None:
         """Through transformers' init helpers, so weights loaded from a checkpoint are never re-initialised."""
         std = self.config.initializer_range

@@ -53,6 +53,10 @@ class LIF(nn.Module):
     def extra_repr(self) -> str:
         return f"channels={self.channels}, beta={self.beta}, v_threshold={self.v_threshold}, reset={self.reset!r}"
 
+    def macs_per_element_step(self, positions: torch.Tensor) -> float:
+        """Energy accounting (eval.energy): 2 (leak and charge) + 1 (reset) MACs per channel and step."""
+        return 3
+
     def step(self, x_t: torch.Tensor, state: torch.Tensor | None = None):
         """x_t [B, C] -> (spikes [B, C], membrane after reset [B, C] float32)."""
         check_step_input("LIF", x_t, self.channels)
@@ -106,6 +110,10 @@ class PSN(nn.Module):
     def extra_repr(self) -> str:
         return f"channels={self.channels}, T={self.T}"
 
+    def macs_per_element_step(self, positions: torch.Tensor) -> torch.Tensor:
+        """Energy accounting (eval.energy): one MAC per time tap used, t + 1 at position t (at most T)."""
+        return torch.clamp(positions.double() + 1, max=self.T)
+
     def forward(self, x: torch.Tensor, state=None, return_state: bool = False):
         check_sequence_input("PSN", x, self.channels)
         if state is not None or return_state:
@@ -147,6 +155,10 @@ class SlidingPSN(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, k={self.k}"
+
+    def macs_per_element_step(self, positions: torch.Tensor) -> float:
+        """Energy accounting (eval.energy): k MACs (the window's taps) per channel and step."""
+        return self.k
 
     def forward(self, x: torch.Tensor, state: SlidingPSNState | None = None, return_state: bool = False):
         check_sequence_input("SlidingPSN", x, self.channels)
