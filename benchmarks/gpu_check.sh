@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# ONE command for a lent GPU (issue 3), under 8 minutes: the ops tests on CUDA, then timings of the fused
-# DSN kernel, the unfused composition, DSN/PSN/SlidingPSN/LIF at T = 1k..16k (B=4, C=1024, bf16 and fp32)
-# next to the measured copy bandwidth; prints a table and writes benchmarks/results/gpu_check_<gpu>.json.
+# ONE command for a lent GPU (issue 3), under 8 minutes: the ops tests on CUDA (the DSN op family's Triton
+# backend and the scan natively, against the float64 references), then timings of the fused DSN kernel, the
+# unfused composition, DSN/PSN/SlidingPSN/LIF at T = 1k..16k (B=4, C=1024, bf16 and fp32) next to the measured
+# copy bandwidth, and the decode step kernel; prints a table and writes benchmarks/results/gpu_check_<gpu>.json.
 # Runs on the repository as it is (PYTHONPATH, no install, no network): the GPU image has torch 2.11,
 # triton 3.6, transformers 5.17.
 #     bash benchmarks/gpu_check.sh            # PYTHON=... to pick the interpreter

@@ -15,16 +15,10 @@ from spikelm.neurons import DSN
 # Reports of the counter as it was before modules declared their own counts (it matched module types and
 # names), on these configs and inputs: every number that does not depend on the spikes the random model
 # fires. The spike-dependent ones (the spiking network's linear accumulates) are checked against the spikes.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PINNED = json.loads((Path(__file__).parent / "data" / "energy_pinned.json").read_text())
 CASES = sorted({key.split("|")[0] for key in PINNED})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _model(case: dict):
