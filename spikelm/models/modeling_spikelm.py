@@ -22,6 +22,7 @@ from ..layers import NeuronLayer, RMSNorm, SequenceContext, SpikingAttentionBloc
 from ..neurons import DSN, PSN, SlidingPSN
 from .cache import SpikeLMCache
 from .configuration_spikelm import SpikeLMConfig
+from .remote_code import AUTO_MAP, in_package, write_remote_code
 
 logger = logging.get_logger(__name__)
 
@@ -85,6 +86,16 @@ class SpikeLMPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        """save_pretrained, plus what `trust_remote_code=True` needs to load the folder without spikelm installed:
+        `auto_map` in config.json and the modeling code (generated from the package; see models/remote_code.py)."""
+        if in_package():
+            self.config.auto_map = dict(AUTO_MAP)
+        out = super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if in_package() and is_main_process:
+            write_remote_code(save_directory)
+        return out
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
