@@ -27,12 +27,26 @@ import torch
 from ..backends import note_backend
 from ..scan import check_cu_seqlens
 from ..spike import SURROGATES
-from . import c_backend, torch_backend, triton_backend
 from .conv import next_conv_history
 from .naive import naive_dsn
 
 BACKENDS = ("auto", "naive", "torch", "c", "triton")
-_IMPLEMENTATIONS = {"torch": torch_backend, "c": c_backend, "triton": triton_backend}
+_loaded = {}
+
+
+def _implementation(name: str):
+    """The backend's module, imported on first use: the Triton one imports Triton, which `import spikelm` need not
+    (and a saved model folder's code bundle has copied every module by the first call)."""
+    impl = _loaded.get(name)
+    if impl is None:
+        if name == "torch":
+            from . import torch_backend as impl
+        elif name == "c":
+            from . import c_backend as impl
+        else:
+            from . import triton_backend as impl
+        _loaded[name] = impl
+    return impl
 
 
 class DSNState(NamedTuple):
@@ -101,10 +115,10 @@ def resolve_backend(backend: str, x: torch.Tensor, kernel_size: int, tau: float,
     """The backend dsn() runs for this call: "auto"'s pick, or the explicit one (ValueError if it cannot)."""
     if backend == "auto":  # the torch backend runs every call
         return next(name for name in (("triton", "torch") if x.is_cuda else ("c", "torch"))
-                    if _IMPLEMENTATIONS[name].unsupported(x, kernel_size, tau, surrogate, output_membrane) is None)
+                    if _implementation(name).unsupported(x, kernel_size, tau, surrogate, output_membrane) is None)
     if backend == "naive":
         return backend
-    reason = _IMPLEMENTATIONS[backend].unsupported(x, kernel_size, tau, surrogate, output_membrane)
+    reason = _implementation(backend).unsupported(x, kernel_size, tau, surrogate, output_membrane)
     if reason is not None:
         raise ValueError(f"dsn: backend={backend!r} cannot run this call: {reason}")
     return backend
@@ -143,7 +157,7 @@ def dsn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tau: float = 
         spikes = spikes.to(x.dtype)
         membrane = membrane.to(sdt) if output_membrane else None
     else:
-        spikes, last, membrane = _IMPLEMENTATIONS[name].run(x, weight, bias, history, h0, cu_seqlens, float(tau),
+        spikes, last, membrane = _implementation(name).run(x, weight, bias, history, h0, cu_seqlens, float(tau),
                                                             int(max_spike), surrogate, float(surrogate_alpha),
                                                             output_membrane)
         conv = next_conv_history(x, history, cu_seqlens, k) if output_final_state else None
@@ -170,13 +184,13 @@ def dsn_step(x_t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tau: f
     conv = x_t.new_zeros(B, k - 1, C) if state is None or state.conv is None else state.conv
     name = backend
     if backend == "auto":
-        name = "triton" if x_t.is_cuda and triton_backend.step_unsupported(
+        name = "triton" if x_t.is_cuda and _implementation("triton").step_unsupported(
             x_t, (x_t, weight, bias, conv, membrane)) is None else "torch"
     elif backend == "c":
         raise ValueError("dsn_step: backend='c' cannot run this call: the C kernel has no step (the torch step is "
                          "the CPU decode path)")
     elif backend == "triton":
-        reason = triton_backend.step_unsupported(x_t, (x_t, weight, bias, conv, membrane))
+        reason = _implementation("triton").step_unsupported(x_t, (x_t, weight, bias, conv, membrane))
         if reason is not None:
             raise ValueError(f"dsn_step: backend='triton' cannot run this call: {reason}")
     note_backend("dsn_step", name)
@@ -184,7 +198,7 @@ def dsn_step(x_t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tau: f
         spikes, _, h, new_conv = naive_dsn(x_t.unsqueeze(1), weight, bias, tau, max_spike, surrogate, surrogate_alpha,
                                            conv, membrane)
         return spikes[:, 0].to(x_t.dtype), DSNState(h.to(sdt), new_conv.to(x_t.dtype))
-    impl = triton_backend if name == "triton" else torch_backend  # (both return these dtypes already)
+    impl = _implementation(name)  # (the torch and Triton steps return these dtypes already)
     spikes, h, new_conv = impl.step(x_t, weight, bias, conv, membrane, float(tau), int(max_spike), surrogate,
                                     float(surrogate_alpha))
     return spikes, DSNState(h, new_conv)

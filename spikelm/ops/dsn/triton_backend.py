@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from .. import triton_scan as _ts
+from ..registry import op_name
 from ..scan import document_starts
 from .conv import decay_logit
 
@@ -116,7 +117,7 @@ def _triton_fused_backward(grad_s, grad_last, logit, x, h0, cu_seqlens, tau, max
 SURROGATE_CODES = {"rect": 0, "atan": 1}
 
 
-@torch.library.custom_op("spikelm::dsn_fused", mutates_args=())
+@torch.library.custom_op(op_name("dsn_fused"), mutates_args=())
 def fused_op(logit: torch.Tensor, x: torch.Tensor, h0: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
              tau: float, max_spike: int, surrogate: int, surrogate_alpha: float,
              chunk_len: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +131,7 @@ def _(logit, x, h0, cu_seqlens, tau, max_spike, surrogate, surrogate_alpha, chun
     return torch.empty_like(x), x.new_empty(n, x.shape[-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("spikelm::dsn_fused_backward", mutates_args=())
+@torch.library.custom_op(op_name("dsn_fused_backward"), mutates_args=())
 def _dsn_fused_backward_op(grad_s: torch.Tensor, grad_last: torch.Tensor, logit: torch.Tensor, x: torch.Tensor,
                            h0: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], tau: float, max_spike: int,
                            surrogate: int, surrogate_alpha: float,
@@ -202,7 +203,7 @@ if triton is not None:
             tl.store(conv_out_row + (K - 2) * C, x, mask=m)
 
 
-@torch.library.custom_op("spikelm::dsn_step", mutates_args=())
+@torch.library.custom_op(op_name("dsn_step"), mutates_args=())
 def _dsn_step_op(x: torch.Tensor, conv: torch.Tensor, membrane: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor, tau: float, max_spike: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _require_triton(x)
