@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spikelm.neurons import DSN, LIF, PSN, SlidingPSN, quantize_spikes  # noqa: E402
-from spikelm.ops import dsn_step, log_decay, record_backends, scan, triton_is_available  # noqa: E402
+from spikelm.ops import log_decay, record_backends, scan, triton_is_available  # noqa: E402
+from spikelm.ops.dsn import dsn_step  # noqa: E402
 from spikelm.ops import triton_scan  # noqa: E402
 from spikelm.ops.dsn.triton_backend import fused_op  # noqa: E402
 

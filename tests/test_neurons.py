@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from spikelm.neurons import DSN, LIF, PSN, DSNState, SlidingPSN, quantize_spikes, unfold_spikes
-from spikelm.ops import dsn, dsn_step, naive_dsn, naive_scan, record_backends
-from spikelm.ops.dsn import c_backend
+from spikelm.ops import naive_scan, record_backends
+from spikelm.ops.dsn import c_backend, dsn, dsn_step, naive_dsn
 
 
 def _serial(neuron, x, state=None):

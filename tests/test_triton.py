@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from spikelm.neurons import DSN
-from spikelm.ops import DSNState, dsn, dsn_step, naive_dsn, naive_scan, record_backends, scan
-from spikelm.ops.dsn import triton_backend
+from spikelm.ops import naive_scan, record_backends, scan
+from spikelm.ops.dsn import DSNState, dsn, dsn_step, naive_dsn, triton_backend
 
 CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
