@@ -9,7 +9,7 @@ from torch import nn
 
 from spikelm import SpikeLMConfig, SpikeLMForCausalLM
 from spikelm.eval import EnergyCounter
-from spikelm.layers import NeuronLayer, OpCount, SequenceContext
+from spikelm.layers import NeuronLayer, OpCount, RMSNorm, SequenceContext
 from spikelm.neurons import DSN
 
 # Reports of the counter as it was before modules declared their own counts (it matched module types and
@@ -113,12 +113,13 @@ def test_declared_counts_and_linear_subclasses_are_counted():
         def forward(self, x):
             return x * (x > 1)
 
-    model = nn.Sequential(SpikeLinear(3, 5, bias=False), Gate())
+    model = nn.Sequential(SpikeLinear(3, 5, bias=False), Gate(), RMSNorm(5))
     with EnergyCounter(model, mac_pj=1.0, ac_pj=0.5) as counter:
         model(torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 4.0]]))  # 7 spikes -> 7 x 5 accumulates
     r = counter.report(tokens=2)
     assert r["spike_fed_linears"] == ["0"]
     spiking, dense = r["networks"]["spiking"], r["networks"]["dense"]
+    assert spiking["by_category"]["norm"]["mac_per_token"] == 2 * 5  # a norm outside a NeuronLayer counts itself
     assert spiking["by_category"]["linear"]["ac_per_token"] == 7 * 5 / 2
     assert spiking["by_category"]["gate"] == {"mac_per_token": 0.0, "ac_per_token": 5.0, "energy_pj_per_token": 2.5}
     assert dense["by_category"]["gate"] == {"mac_per_token": 5.0, "ac_per_token": 0.0, "energy_pj_per_token": 5.0}

@@ -64,10 +64,16 @@ NO_ARITHMETIC = (nn.ModuleList, nn.ModuleDict, nn.Sequential, nn.ParameterList, 
                  nn.Dropout, nn.Embedding)
 
 
+def counted_by_their_layer(model: nn.Module) -> set[int]:
+    """ids of the modules a NeuronLayer counts in its own op_counts: its norm and its neuron."""
+    layers = [m for m in model.modules() if isinstance(m, NeuronLayer)]
+    return {id(m.neuron) for m in layers} | {id(m.norm) for m in layers if m.norm is not None}
+
+
 def undeclared_modules(model: nn.Module) -> list[str]:
     """The modules whose operations the counter would not know: neither a Linear, nor declaring op_counts, nor a
     neuron run by a NeuronLayer (declaring macs_per_element_step), nor free of arithmetic."""
-    run_by_layer = {id(m.neuron) for m in model.modules() if isinstance(m, NeuronLayer)}
+    run_by_layer = counted_by_their_layer(model)
     missing = []
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, *NO_ARITHMETIC)) or callable(getattr(module, "op_counts", None)):
@@ -135,10 +141,11 @@ class EnergyCounter:
                             f"miscounted: {', '.join(missing)}. Give each an op_counts(inputs) method (return {{}} "
                             "when it has no arithmetic of its own; spikelm/layers/op_counts.py), and each neuron a "
                             "macs_per_element_step(positions) method")
+        counted = counted_by_their_layer(self.model)
         for name, module in self.model.named_modules():
             if isinstance(module, nn.Linear):
                 self._handles.append(module.register_forward_hook(self._linear_hook(name)))
-            elif callable(getattr(module, "op_counts", None)):
+            elif callable(getattr(module, "op_counts", None)) and id(module) not in counted:
                 self._handles.append(module.register_forward_hook(self._declared_hook(name)))
         return self
 

@@ -15,8 +15,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def op_counts(self, inputs) -> dict[str, OpCount]:
-        """Energy accounting: none of its own here; the NeuronLayer that owns the norm counts it."""
-        return {}
+        """Energy accounting: 2 MACs per element (square-accumulate; scale by rsqrt x gain). A NeuronLayer counts
+        its own norm instead (eval.energy does not hook it twice)."""
+        return {"norm": OpCount(mac=2.0 * inputs[0].numel())}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)

@@ -35,8 +35,9 @@ _loaded = {}
 
 
 def _implementation(name: str):
-    """The backend's module, imported on first use: the Triton one imports Triton, which `import spikelm` need not
-    (and a saved model folder's code bundle has copied every module by the first call)."""
+    """The backend's module, imported on first use. A saved model folder's copy of this code (trust_remote_code) is
+    complete only once the model class has loaded (transformers copies it module by module, following
+    `from .x import` lines from the config's module first), and the Triton kernels register only when needed."""
     impl = _loaded.get(name)
     if impl is None:
         if name == "torch":
