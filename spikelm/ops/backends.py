@@ -18,6 +18,8 @@ import threading
 import torch
 
 _local = threading.local()
+_recording = 0  # record_backends blocks open in any thread: the common case (none) costs one global read
+_recording_lock = threading.Lock()
 
 
 def _logs() -> list:
@@ -30,18 +32,23 @@ def _logs() -> list:
 @contextlib.contextmanager
 def record_backends():
     """Collect (op, backend) pairs, in call order, for every op call made by this thread inside the block."""
+    global _recording
     ran: list[tuple[str, str]] = []
     logs = _logs()
     logs.append(ran)
+    with _recording_lock:
+        _recording += 1
     try:
         yield ran
     finally:
+        with _recording_lock:
+            _recording -= 1
         logs.remove(ran)
 
 
 def note_backend(op: str, backend: str) -> None:
     """Record that `op` runs on `backend` (called by the ops after they resolve their backend)."""
-    if torch.compiler.is_compiling():  # checked first: dynamo folds it and never traces the thread-local
+    if not _recording or torch.compiler.is_compiling():  # dynamo folds is_compiling and skips the thread-local
         return
     for ran in getattr(_local, "logs", ()):
         ran.append((op, backend))

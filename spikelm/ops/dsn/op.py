@@ -31,6 +31,7 @@ from .conv import next_conv_history
 from .naive import naive_dsn
 
 BACKENDS = ("auto", "naive", "torch", "c", "triton")
+_INF = float("inf")
 _loaded = {}
 
 
@@ -84,9 +85,9 @@ def _check_params(who, x, shape, weight, bias, tau, max_spike, surrogate, backen
     C = x.shape[-1]
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] != C or weight.shape[1] < 1:
         raise ValueError(f"{who}: weight must have shape [C={C}, k >= 1], got {tuple(getattr(weight, 'shape', ()))}")
-    if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (C,):
+    if not isinstance(bias, torch.Tensor) or bias.shape != (C,):
         raise ValueError(f"{who}: bias must have shape [C={C}], got {tuple(getattr(bias, 'shape', ()))}")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < float("inf"):
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < _INF:
         raise ValueError(f"{who}: tau must be a finite number > 0, got {tau!r}")
     if isinstance(max_spike, bool) or not isinstance(max_spike, int) or max_spike < 1:
         raise ValueError(f"{who}: max_spike must be an integer >= 1, got {max_spike!r}")
@@ -105,10 +106,10 @@ def _check_state(who, state, n_membranes, B, k, C, packed):
         raise ValueError(f"{who}: packed documents (cu_seqlens) start with an empty conv history; pass a state "
                          "whose conv history is None")
     want_m, want_c = (n_membranes, C), (B, k - 1, C)
-    got_m = None if state.membrane is None else tuple(state.membrane.shape)
-    got_c = None if state.conv is None else tuple(state.conv.shape)
-    if got_m not in (None, want_m) or got_c not in (None, want_c):
-        raise ValueError(f"{who}: state shapes must be membrane {want_m} and conv {want_c}, got {got_m} and {got_c}")
+    if ((state.membrane is not None and state.membrane.shape != want_m)
+            or (state.conv is not None and state.conv.shape != want_c)):
+        got = [None if t is None else tuple(t.shape) for t in state]
+        raise ValueError(f"{who}: state shapes must be membrane {want_m} and conv {want_c}, got {got[0]} and {got[1]}")
 
 
 def resolve_backend(backend: str, x: torch.Tensor, kernel_size: int, tau: float, surrogate: str,
