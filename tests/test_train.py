@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT))
 import train as train_script  # noqa: E402
 
 from spikelm.data import DataError, block_positions, pack_token_lists  # noqa: E402
-from spikelm.training import ConfigError, TrainingError, parse_args, read_csv, train  # noqa: E402
+from spikelm.training import (ConfigError, TrainingError, TrainingHooks, parse_args, read_csv,  # noqa: E402
+                              train)
 
 WORDS = ("the sun rose over the quiet hills and the river ran down to the sea where old ships lay "
          "in the harbour waiting for the wind to turn").split()
@@ -133,10 +134,15 @@ def test_save_total_limit_keeps_newest(data, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
-def _run_until(argv, env_extra, out: Path, ready, timeout=120):
-    env = dict(os.environ, **env_extra)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _start_driver(argv, faults: list[str], env_extra=None) -> subprocess.Popen:
+    """train.py's main in a subprocess with fault hooks (tests/train_driver.py) installed."""
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "train_driver.py"), *faults, "--", *map(str, argv)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _run_until(argv, faults: list[str], out: Path, ready, timeout=120):
+    proc = _start_driver(argv, faults)
     t0 = time.time()
     try:
         while not ready():
@@ -162,7 +168,7 @@ def test_kill9_mid_run_then_resume_matches_uninterrupted(data, tmp_path, referen
         return (out / "checkpoint-3" / "trainer_state.json").exists() and (out / "logs" / "train.csv").exists() \
             and any(int(r["step"]) >= 4 for r in read_csv(out / "logs" / "train.csv"))
 
-    _run_until(argv, {"SPIKELM_FAULT_STEP_SLEEP": "0.5"}, out, after_checkpoint_3_and_step_4)
+    _run_until(argv, ["--step-sleep", "0.5"], out, after_checkpoint_3_and_step_4)
     assert not (out / "checkpoint-6").exists()
     train(parse_args(argv + ["--resume_from_checkpoint", "latest"]))
     ref, got = _losses(ref_out), _losses(out)
@@ -189,7 +195,7 @@ def test_kill_during_checkpoint_write_loses_nothing(data, tmp_path, reference_ru
             and (out / ".tmp-checkpoint-6" / "rng_state_0.pth").exists()
 
     # the fault pause sits between the file writes and the rename; kill -9 in it
-    _run_until(argv, {"SPIKELM_FAULT_CHECKPOINT_SLEEP": "30"}, out, inside_second_save)
+    _run_until(argv, ["--checkpoint-sleep", "30"], out, inside_second_save)
     before = _tree_digest(out / "checkpoint-3")
     assert not (out / "checkpoint-6").exists()
     assert [p.name for p in out.iterdir() if p.name.startswith("checkpoint")] == ["checkpoint-3"]
@@ -202,16 +208,24 @@ def test_kill_during_checkpoint_write_loses_nothing(data, tmp_path, reference_ru
     assert all(abs(ref[s] - got[s]) <= 1e-6 for s in ref) and sorted(got) == list(range(1, 9))
 
 
-def test_nonfinite_loss_skips_step_then_aborts(data, tmp_path, monkeypatch):
-    monkeypatch.setenv("SPIKELM_FAULT_NAN_STEPS", "2")
-    s = train(parse_args(tiny_argv(data, tmp_path / "a", max_steps=3, save_steps=0, eval_steps=0)))
+class NanLoss(TrainingHooks):
+    """The loss of the given (1-based) optimizer steps becomes NaN."""
+
+    def __init__(self, *steps: int):
+        self.steps = set(steps)
+
+    def on_loss(self, step, loss):
+        return loss * float("nan") if step in self.steps else loss
+
+
+def test_nonfinite_loss_skips_step_then_aborts(data, tmp_path):
+    s = train(parse_args(tiny_argv(data, tmp_path / "a", max_steps=3, save_steps=0, eval_steps=0)), hooks=NanLoss(2))
     assert s["skipped_steps"] == 1 and s["steps"] == 3
     rows = read_csv(tmp_path / "a" / "logs" / "train.csv")
     assert [int(r["skipped_steps"]) for r in rows] == [0, 1, 1]
-    monkeypatch.setenv("SPIKELM_FAULT_NAN_STEPS", "2,3,4")
     with pytest.raises(TrainingError, match="3 steps in a row .* non-finite"):
         train(parse_args(tiny_argv(data, tmp_path / "b", max_steps=6, save_steps=0, eval_steps=0,
-                                   max_consecutive_nonfinite=3)))
+                                   max_consecutive_nonfinite=3)), hooks=NanLoss(2, 3, 4))
 
 
 # ---------------------------------------------------------------------------------------------
