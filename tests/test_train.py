@@ -374,3 +374,236 @@ def test_document_start_pattern_groups_rows_into_documents(tmp_path, streaming):
     assert len(ungrouped["train"]) == 6  # one document per non-empty row
     with pytest.raises(DataError, match="document_start_pattern"):
         load_raw_datasets(train_file=str(f), validation_file=str(f), document_start_pattern="(")
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints: no pickles, checksums, refusal of damaged ones with the previous good one offered
+def _copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_checkpoint_files_load_as_plain_tensors_and_are_checksummed(reference_run):
+    from spikelm.training import verify
+
+    ck = reference_run[0] / "checkpoint-6"
+    for f in ("optimizer.pt", "scheduler.pt", "rng_state_0.pth"):
+        torch.load(ck / f, weights_only=True)  # raises on anything but tensors, numbers, strings, containers
+    doc = json.loads((ck / "trainer_state.json").read_text())
+    on_disk = {str(p.relative_to(ck)) for p in ck.rglob("*") if p.is_file()} - {"trainer_state.json"}
+    assert set(doc["files"]) == on_disk
+    assert all(len(m["sha256"]) == 64 for m in doc["files"].values())
+    assert verify(ck)["global_step"] == 6
+
+
+def _flip_byte(path: Path, where: int = -100) -> None:
+    b = bytearray(path.read_bytes())
+    b[where] ^= 0xFF
+    path.write_bytes(bytes(b))
+
+
+def test_damaged_checkpoint_is_refused_naming_file_and_offering_previous(reference_run, tmp_path, capsys, data):
+    out = _copy_run(reference_run[0], tmp_path / "run")
+    argv = tiny_argv(data, out)
+    _flip_byte(out / "checkpoint-6" / "optimizer.pt")
+    err = _fails(argv + ["--resume_from_checkpoint", out / "checkpoint-6"], capsys, "optimizer.pt",
+                 "was changed after it was written", str(out / "checkpoint-3"))
+    assert "--resume_from_checkpoint" in err
+    state = out / "checkpoint-3" / "trainer_state.json"
+    state.write_text(state.read_text().replace('"global_step": 3', '"global_step": 4'))
+    _fails(argv + ["--resume_from_checkpoint", out / "checkpoint-3"], capsys, "trainer_state.json",
+           "was changed after it was written", "no earlier intact checkpoint")
+    (out / "checkpoint-8" / "trainer_state.json").write_text('{"global_step": 8, "fi')
+    _fails(argv + ["--resume_from_checkpoint", out / "checkpoint-8"], capsys, "truncated or not JSON")
+
+
+def test_latest_skips_a_truncated_checkpoint_and_resumes_from_the_previous(reference_run, tmp_path, data, capsys):
+    ref_out = reference_run[0]
+    out = _copy_run(ref_out, tmp_path / "run")
+    model = out / "checkpoint-8" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:1000])
+    train(parse_args(tiny_argv(data, out) + ["--resume_from_checkpoint", "latest"]))
+    printed = capsys.readouterr().out
+    assert "checkpoint-8" in printed and "truncated" in printed and "resuming from the newest intact checkpoint" \
+        in printed and "resuming from" in printed and "checkpoint-6 at step 6" in printed
+    ref, got = _losses(ref_out), _losses(out)
+    assert sorted(got) == list(range(1, 9)) and all(abs(ref[s] - got[s]) <= 1e-6 for s in ref)
+    a, b = _load_weights(ref_out), _load_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    from spikelm.training import verify
+    assert verify(out / "checkpoint-8")["global_step"] == 8  # re-saved whole
+
+
+class _Gadget:
+    """Any class outside torch's weights_only allow-list: unpickling it would run code."""
+
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_a_pickle_inside_a_checksummed_checkpoint_is_not_loaded(reference_run, tmp_path, data, capsys):
+    from spikelm.training import checkpoint as ckmod
+
+    out = _copy_run(reference_run[0], tmp_path / "run")
+    ck = out / "checkpoint-6"
+    state = ckmod.verify(ck)
+    torch.save({"state": {}, "param_groups": [], "x": _Gadget()}, ck / "optimizer.pt")
+    ckmod._write_state_file(ck, state)  # checksums made to match: only weights_only stands in the way
+    rc = train_script.main([str(a) for a in tiny_argv(data, out)] + ["--resume_from_checkpoint", str(ck)])
+    captured = capsys.readouterr()
+    assert rc == 2 and "optimizer.pt" in captured.err and "weights_only" in captured.err, captured.err
+    assert "unpickled!" not in captured.out
+
+
+# ---------------------------------------------------------------------------------------------
+# signals: finish the step, checkpoint, exit with how to resume; resume equals the uninterrupted run
+def test_sigterm_checkpoints_and_resume_matches_uninterrupted(data, tmp_path, reference_run):
+    ref_out = reference_run[0]
+    out = tmp_path / "run"
+    argv = tiny_argv(data, out)
+    proc = _start_driver(argv, ["--step-sleep", "0.5"])
+    t0 = time.time()
+    try:
+        while not ((out / "logs" / "train.csv").exists()
+                   and any(int(r["step"]) >= 4 for r in read_csv(out / "logs" / "train.csv"))):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() - t0 < 120, "timed out waiting for step 4"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        text, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, text
+    assert "SIGTERM" in text and "--resume_from_checkpoint latest" in text and "python train.py" in text
+    from spikelm.training import latest_checkpoint, verify
+    stopped = latest_checkpoint(out)
+    step = verify(stopped)["global_step"]
+    assert 4 <= step < 8 and stopped.name == f"checkpoint-{step}" and f"after step {step}" in text
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    train(parse_args(argv + ["--resume_from_checkpoint", "latest"]))
+    ref, got = _losses(ref_out), _losses(out)
+    assert sorted(got) == list(range(1, 9)) and all(abs(ref[s] - got[s]) <= 1e-6 for s in ref), (ref, got)
+    a, b = _load_weights(ref_out), _load_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _SignalAt(TrainingHooks):
+    def __init__(self, step: int, signum: int):
+        self.step, self.signum = step, signum
+
+    def on_step_end(self, step, state):
+        if step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_sigint_in_process_stops_with_a_checkpoint(data, tmp_path, reference_run):
+    from spikelm.training import TrainingInterrupted, verify
+
+    out = tmp_path / "run"
+    argv = tiny_argv(data, out)
+    with pytest.raises(TrainingInterrupted, match="SIGINT: stopped after step 5 of 8") as e:
+        train(parse_args(argv), hooks=_SignalAt(5, signal.SIGINT))
+    assert e.value.step == 5 and verify(e.value.checkpoint)["global_step"] == 5
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    train(parse_args(argv + ["--resume_from_checkpoint", "latest"]))
+    a, b = _load_weights(reference_run[0]), _load_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# a save that cannot be written: a named error, the previous checkpoint intact
+class _FailWrite(TrainingHooks):
+    """Raises OSError(errno) inside the write of checkpoint-`step` (after its files, before completion)."""
+
+    def __init__(self, step: int, err: int):
+        self.step, self.err = step, err
+
+    def on_checkpoint_files_written(self, folder, step):
+        if step == self.step:
+            raise OSError(self.err, os.strerror(self.err), str(folder / "optimizer.pt"))
+
+
+def test_write_error_while_saving_is_named_and_keeps_previous(data, tmp_path):
+    import errno
+
+    from spikelm.training import CheckpointWriteError
+
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointWriteError, match="No space left on device.*checkpoint-3 is intact"):
+        train(parse_args(tiny_argv(data, out)), hooks=_FailWrite(6, errno.ENOSPC))
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]
+    from spikelm.training import verify
+    assert verify(out / "checkpoint-3")["global_step"] == 3
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 16 MiB tmpfs (needs root with mount rights; skipped elsewhere): chmod cannot make a folder
+    read-only for root, a real file system can (remount ro) and can really fill up."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+class _FillDisk(TrainingHooks):
+    """Once checkpoint-3 is saved, fills the file system up to `leave` bytes."""
+
+    def __init__(self, filler: Path, leave: int = 32 << 10):
+        self.filler, self.leave = filler, leave
+        self.digest = None
+
+    def on_checkpoint_saved(self, folder, step):
+        if step == 3:
+            import shutil
+            self.digest = _tree_digest(folder)
+            free = shutil.disk_usage(self.filler.parent).free
+            with open(self.filler, "wb") as f:
+                f.write(b"\0" * max(0, free - self.leave))
+
+
+def test_full_disk_while_saving_keeps_previous_checkpoint(data, tmpfs, reference_run):
+    from spikelm.training import CheckpointWriteError, latest_checkpoint
+
+    out = tmpfs / "run"
+    argv = tiny_argv(data, out)
+    hooks = _FillDisk(tmpfs / "filler")
+    with pytest.raises(CheckpointWriteError, match="(?s)No space left on device.*checkpoint-3 is intact"):
+        train(parse_args(argv), hooks=hooks)
+    assert latest_checkpoint(out).name == "checkpoint-3" and _tree_digest(out / "checkpoint-3") == hooks.digest
+    assert not (out / ".tmp-checkpoint-6").exists()
+    (tmpfs / "filler").unlink()
+    train(parse_args(argv + ["--resume_from_checkpoint", "latest"]))
+    a, b = _load_weights(reference_run[0]), _load_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _ReadOnlyAt(TrainingHooks):
+    def __init__(self, mnt: Path, step: int):
+        self.mnt, self.step = mnt, step
+
+    def on_step_end(self, step, state):
+        if step == self.step:
+            subprocess.run(["mount", "-o", "remount,ro", str(self.mnt)], check=True)
+
+
+def test_read_only_output_dir_while_saving_keeps_previous_checkpoint(data, tmpfs, reference_run):
+    from spikelm.training import CheckpointWriteError, latest_checkpoint
+
+    out = tmpfs / "run"
+    argv = tiny_argv(data, out, report_to="none")
+    with pytest.raises(CheckpointWriteError, match="(?s)Read-only file system.*checkpoint-3 is intact"):
+        train(parse_args(argv), hooks=_ReadOnlyAt(tmpfs, 4))
+    before = _tree_digest(out / "checkpoint-3")
+    subprocess.run(["mount", "-o", "remount,rw", str(tmpfs)], check=True)
+    assert latest_checkpoint(out).name == "checkpoint-3" and _tree_digest(out / "checkpoint-3") == before
+    train(parse_args(argv + ["--resume_from_checkpoint", "latest"]))
+    a, b = _load_weights(reference_run[0]), _load_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)

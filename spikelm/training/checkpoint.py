@@ -255,7 +255,7 @@ def save_checkpoint(accelerator, output_dir, step: int, *, model, model_state: d
             tmp.mkdir(parents=True)
     except Exception as e:  # noqa: BLE001
         error = e
-    _agree(accelerator, error)
+    _agree(accelerator, error, tmp)
     try:
         if main:
             model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
@@ -295,7 +295,7 @@ def save_checkpoint(accelerator, output_dir, step: int, *, model, model_state: d
     return final
 
 
-def _agree(accelerator, error: BaseException | None, tmp: Path | None = None) -> None:
+def _agree(accelerator, error: BaseException | None, tmp: Path) -> None:
     """Every process learns whether any failed; all raise CheckpointWriteError together (no process is
     left waiting in a collective), after the main process removed the half-written folder."""
     failed = error is not None
@@ -304,17 +304,15 @@ def _agree(accelerator, error: BaseException | None, tmp: Path | None = None) ->
         failed = float(accelerator.reduce(flag, reduction="sum")) > 0
     if not failed:
         return
-    out = tmp.parent if tmp is not None else None
-    if accelerator.is_main_process and tmp is not None:
+    out = tmp.parent
+    if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-    where = f" in {out}" if out is not None else ""
-    free = ""
-    if out is not None:
-        try:
-            free = f"; {shutil.disk_usage(out).free / 2**20:.1f} MiB free there"
-        except OSError:
-            pass
-    kept = latest_checkpoint(out) if out is not None else None
+    where = f" in {out}"
+    try:
+        free = f"; {shutil.disk_usage(out).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = ""
+    kept = latest_checkpoint(out)
     prev = f"the previous checkpoint {kept} is intact" if kept else "no earlier checkpoint exists"
     what = f"{type(error).__name__}: {error}" if error is not None else "another process failed to write its part"
     raise CheckpointWriteError(f"could not write a checkpoint{where} ({what}{free}); {prev}. Free some space or "

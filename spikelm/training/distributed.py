@@ -4,8 +4,10 @@ accelerate shards a model with FSDP on GPUs only: its AcceleratorState turns a r
 DistributedType.FSDP for MULTI_GPU (and other accelerator) setups, while a CPU run stays MULTI_CPU and
 `prepare` wraps the model in DDP (and `accelerate launch` refuses `--cpu` with `--use_fsdp`). torch's
 FSDP2 (`fully_shard`) works on CPU with gloo, so when `accelerate launch --use_fsdp` starts CPU
-processes, the model is sharded here with FSDP2 the way accelerate shards it on GPUs: every
-transformer block (the model's `_no_split_modules`) and then the root.
+processes (with --fsdp_version 2: accelerate's FSDP1 plugin cannot even be built without a GPU,
+since its sync_module_states asks for the current GPU device), the model is sharded here with FSDP2
+the way accelerate shards it on GPUs: every transformer block (the model's `_no_split_modules`),
+then the root.
 
 Checkpoints hold full (unsharded) state dicts gathered with torch.distributed.checkpoint's
 get_*_state_dict, which understand plain modules, DDP, FSDP1 and FSDP2 alike, so a checkpoint does
@@ -24,6 +26,13 @@ def fsdp_requested(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP or (
         accelerator.distributed_type == DistributedType.MULTI_CPU
         and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
+
+
+def cpu_fsdp1_requested() -> bool:
+    """`accelerate launch --use_fsdp` without --fsdp_version 2 on a machine without a GPU: accelerate's
+    FSDP1 plugin then fails in its constructor (sync_module_states asks for a current GPU device)."""
+    return (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+            and os.environ.get("FSDP_VERSION", "1") != "2" and not torch.cuda.is_available())
 
 
 def shard_on_cpu(model: torch.nn.Module, accelerator) -> torch.nn.Module:
@@ -52,7 +61,10 @@ def full_model_state(model: torch.nn.Module, sharded: bool) -> dict | None:
         return None
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     sd = get_model_state_dict(model, options=_options())
-    return sd or None
+    # a tied weight comes back under each of its names: keep the first, as save_pretrained does unsharded
+    canonical = {n for n, _ in model.named_parameters()}
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - canonical
+    return {k: v for k, v in sd.items() if k not in aliases} or None
 
 
 def full_optimizer_state(model: torch.nn.Module, optimizer, sharded: bool) -> dict | None:

@@ -25,6 +25,8 @@ def resolve_report_to(report_to: str) -> list[str]:
     """The backends a --report_to value asks for, failing early (before anything is written) when one is
     not installed."""
     names = report_to_list(report_to)
+    if names == ["none"]:
+        return []
     if names == ["all"]:
         return ["csv"] + [t for t in PIP_NAME if _installed(t)]
     for name in names:
@@ -52,7 +54,6 @@ class MetricLogger:
     def __init__(self, output_dir, report_to: str, resume_step: int, enabled: bool = True,
                  config: dict | None = None, run_name: str | None = None):
         self.backends = resolve_report_to(report_to) if enabled else []
-        self.backends = [b for b in self.backends if b != "none"]
         self.dir = Path(output_dir) / "logs"
         self.trackers = []
         if not self.backends:

@@ -66,6 +66,9 @@ def make_accelerator(args: TrainArgs):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    if dist_.cpu_fsdp1_requested():
+        raise ConfigError("FSDP on CPU runs as FSDP2: add --fsdp_version 2 to `accelerate launch --use_fsdp` "
+                          "(accelerate's FSDP1 plugin needs a GPU for sync_module_states)")
     AcceleratorState._reset_state()  # a second run in one process may change mixed_precision
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     return dataclasses.replace(args, mixed_precision=accelerator.mixed_precision), accelerator
@@ -474,6 +477,12 @@ class _Run:
 
     # ---- the run -------------------------------------------------------------------------------
     def execute(self) -> dict:
+        try:
+            return self._execute()
+        finally:
+            self.close()
+
+    def _execute(self) -> dict:
         from tqdm.auto import tqdm
 
         args, acc = self.args, self.acc
@@ -483,7 +492,8 @@ class _Run:
         self.state = st = self.restore()
         start = st.global_step
         self.logger = MetricLogger(self.out, args.report_to, start, enabled=self.main, config=args.to_dict())
-        self.log(f"{type(self.unwrapped).__name__} {self.n_params / 1e6:.2f}M parameters | "
+        name = type(self.unwrapped).__name__.removeprefix("FSDP")  # FSDP2 renames the class it shards
+        self.log(f"{name} {self.n_params / 1e6:.2f}M parameters | "
                  f"{'streamed' if args.streaming else f'{self.order.num_blocks} train blocks'} of {self.block_size} "
                  f"tokens | global batch {self.order.global_batch_size} blocks ({self.tokens_per_step} tokens) | "
                  f"{self.max_steps} steps | {acc.num_processes} process(es) on {acc.device}"
@@ -582,6 +592,7 @@ class _Run:
         return text
 
     def close(self) -> None:
+        """Closes the progress bar and the trackers (idempotent)."""
         if getattr(self, "bar", None) is not None:
             self.bar.close()
         if getattr(self, "logger", None) is not None:
