@@ -5,6 +5,7 @@ Runs in-process where it can (imports are slow) and in a subprocess where a kill
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import os
 import signal
@@ -607,3 +608,228 @@ def test_read_only_output_dir_while_saving_keeps_previous_checkpoint(data, tmpfs
     train(parse_args(argv + ["--resume_from_checkpoint", "latest"]))
     a, b = _load_weights(reference_run[0]), _load_weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# train_model: the same recipe and loop for a model built elsewhere (benchmarks: Llama, baselines)
+def _llama_blocks(tok_dir: Path, data: Path, block: int = 32):
+    from transformers import AutoTokenizer
+
+    from spikelm.data import pack_token_lists
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+
+    def blocks(name):
+        docs = (data / name).read_text().split("\n\n")
+        packed = pack_token_lists(tok(docs, add_special_tokens=False)["input_ids"], tok.eos_token_id, block)
+        return [{"input_ids": i, "position_ids": p} for i, p in zip(packed["input_ids"], packed["position_ids"])]
+
+    return tok, blocks("train.txt"), blocks("valid.txt")[:4]
+
+
+class _Curve(TrainingHooks):
+    def __init__(self):
+        self.rows = []
+
+    def on_log(self, split, step, metrics):
+        self.rows.append((split, step, metrics))
+
+
+def test_train_model_trains_a_transformers_llama_with_the_recipe(reference_run, data, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from spikelm.training import TrainArgs, param_groups, train_model, verify
+
+    tok, train_blocks, eval_blocks = _llama_blocks(reference_run[0], data)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+
+    def run(out, **over):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        args = TrainArgs(output_dir=str(out), per_device_train_batch_size=2, learning_rate=3e-3, warmup_steps=2,
+                         max_steps=8, save_steps=4, eval_steps=0, logging_steps=1, disable_tqdm=True, seed=3, **over)
+        curve = _Curve()
+        return model, train_model(model, train_blocks, eval_blocks, args, tokenizer=tok, hooks=curve), curve
+
+    model, summary, curve = run(tmp_path / "a")
+    losses = [m["loss"] for split, _, m in curve.rows if split == "train"]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.3, losses
+    assert summary["final_eval"]["loss"] < losses[0] and math.isnan(summary["final_eval"]["firing_rate"])
+    groups = param_groups(model, 0.1)
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert all((id(p) in decayed) == (p.dim() == 2) for p in model.parameters())  # norms undecayed
+    assert verify(tmp_path / "a" / "checkpoint-4")["global_step"] == 4
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["model_type"] == "llama"
+    assert "llama" in (tmp_path / "a" / "checkpoint-4" / "README.md").read_text()
+    # resume from checkpoint-4 (as if killed after it) continues exactly
+    import shutil
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoint-8")
+    _, _, again = run(tmp_path / "b", resume_from_checkpoint="latest")
+    tail = [m["loss"] for split, _, m in again.rows if split == "train"]
+    assert len(tail) == 4 and all(abs(x - y) <= 1e-6 for x, y in zip(tail, losses[4:])), (tail, losses)
+
+
+# ---------------------------------------------------------------------------------------------
+# model cards
+def test_model_card_in_final_model_and_every_checkpoint(reference_run):
+    out = reference_run[0]
+    for folder, what, tokens in ((out, None, 8 * 64), (out / "checkpoint-3", "checkpoint at step 3", 3 * 64),
+                                 (out / "checkpoint-6", "checkpoint at step 6", 6 * 64)):
+        card = (folder / "README.md").read_text()
+        assert card.startswith("---\nlibrary_name: transformers")
+        assert (f"# SpikeLM ({what})" if what else "# SpikeLM\n") in card
+        params = sum(p.numel() for p in _load_weights(out).values())
+        assert f"({params:,})" in card and f"| tokens seen | {tokens:,} |" in card
+        assert "| validation loss |" in card and "| firing rate |" in card and "| command | `python " in card
+        assert ("validation loss | not measured" in card) == (folder.name == "checkpoint-3")  # first eval: step 4
+        assert "import spikelm" in card and "trust_remote_code=True" in card and "train.txt" in card
+    final = json.loads((out / "train_summary.json").read_text())["final_eval"]
+    assert f"{final['loss']:.4f} (perplexity {final['perplexity']:.2f})" in (out / "README.md").read_text()
+
+
+def test_model_card_without_training_facts_and_the_shipped_data_license(tmp_path):
+    from spikelm.models import SpikeLMConfig
+    from spikelm.models.model_card import model_card
+    from spikelm.training.trainer import _data_facts
+
+    card = model_card(SpikeLMConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2), 12345)
+    assert "## Training" not in card and "12.3 K (12,345)" in card and "trust_remote_code=True" in card
+    shipped = parse_args(["--train_file", str(ROOT / "data" / "paradise_lost.txt"), "--output_dir", str(tmp_path)])
+    assert "public domain" in _data_facts(shipped)["data_license"]
+    (tmp_path / "paradise_lost.txt").write_text("not Milton")
+    other = parse_args(["--train_file", str(tmp_path / "paradise_lost.txt"), "--output_dir", str(tmp_path)])
+    assert _data_facts(other)["data_license"] is None
+    assert "not recorded" in model_card(SpikeLMConfig(vocab_size=300), 1, _data_facts(other))
+
+
+# ---------------------------------------------------------------------------------------------
+# trackers and mixed precision
+def test_report_to_values(data, tmp_path, monkeypatch, capsys):
+    from spikelm.training import logger as logmod
+
+    out = tmp_path / "run"
+    _fails(tiny_argv(data, out, report_to="csv,tensorbord"), capsys, "--report_to: unknown backend 'tensorbord'")
+    monkeypatch.setattr(logmod, "_installed", lambda name: False)
+    _fails(tiny_argv(data, out, report_to="csv,wandb"), capsys, "--report_to wandb needs the wandb package",
+           "pip install wandb")
+    assert logmod.resolve_report_to("all") == ["csv"] and logmod.resolve_report_to("none") == []
+    assert not out.exists()
+
+
+def test_report_to_csv_and_tensorboard_together(data, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    train(parse_args(tiny_argv(data, out, max_steps=2, save_steps=0, eval_steps=0, report_to="csv,tensorboard")))
+    assert list((out / "logs").glob("events.out.tfevents.*")) and sorted(_losses(out)) == [1, 2]
+
+
+def test_report_to_wandb_offline(data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    train(parse_args(tiny_argv(data, out, max_steps=2, save_steps=0, eval_steps=0, report_to="wandb")))
+    runs = list((out / "logs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_report_to_trackio_local(data, tmp_path):
+    pytest.importorskip("trackio")
+    out = tmp_path / "run"
+    # TRACKIO_DIR is read when trackio is imported: a fresh process keeps this test's store in tmp_path
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import train; "
+            f"sys.exit(train.main({[str(a) for a in tiny_argv(data, out, max_steps=2, save_steps=0, eval_steps=0)]!r}"
+            " + ['--report_to', 'trackio']))")
+    env = dict(os.environ, TRACKIO_DIR=str(tmp_path / "trackio"))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert list((tmp_path / "trackio").rglob("spikelm*.db"))
+
+
+def test_mixed_precision_unset_follows_accelerate_launch(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    train(parse_args(tiny_argv(data, out, max_steps=1, save_steps=0, eval_steps=0)))
+    assert json.loads((out / "run_config.json").read_text())["identity"]["mixed_precision"] == "bf16"
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    train(parse_args(tiny_argv(data, tmp_path / "b", max_steps=1, save_steps=0, eval_steps=0)))
+    assert json.loads((tmp_path / "b" / "run_config.json").read_text())["identity"]["mixed_precision"] == "no"
+
+
+# ---------------------------------------------------------------------------------------------
+# several processes: 2 CPU processes (gloo) against one process at the same global batch
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(argv, mode: list[str], timeout=400) -> str:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           str(ROOT / "train.py"), *map(str, argv)]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def one_process_accumulating(data, tmp_path_factory):
+    """The one-process run the 2-process runs must match: 2 blocks x 2 accumulation steps per step."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    train(parse_args(_multi_argv(data, out, gradient_accumulation_steps=2)))
+    return out
+
+
+def _multi_argv(data, out, **over):
+    kv = dict(max_steps=6, save_steps=3, eval_steps=3, max_eval_samples=5, num_threads=1)
+    kv.update(over)
+    return tiny_argv(data, out, **kv)
+
+
+def _assert_close_runs(a: Path, b: Path, tol: float) -> None:
+    la, lb = _losses(a), _losses(b)
+    assert sorted(la) == sorted(lb) == list(range(1, 7))
+    assert max(abs(la[s] - lb[s]) for s in la) <= tol, (la, lb)
+    ea = {int(r["step"]): float(r["loss"]) for r in read_csv(a / "logs" / "eval.csv")}
+    eb = {int(r["step"]): float(r["loss"]) for r in read_csv(b / "logs" / "eval.csv")}
+    assert sorted(ea) == sorted(eb) == [3, 6] and max(abs(ea[s] - eb[s]) for s in ea) <= tol, (ea, eb)
+    wa, wb = _load_weights(a), _load_weights(b)
+    assert sorted(wa) == sorted(wb) and max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= tol
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_match_one(data, tmp_path, one_process_accumulating):
+    out = tmp_path / "run"
+    text = _launch(_multi_argv(data, out), ["--multi_gpu"])
+    assert "2 process(es)" in text and "FSDP" not in text.split("steps |")[1].split("\n")[0]
+    _assert_close_runs(one_process_accumulating, out, 1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_two_cpu_processes_match_one_checkpoint_and_resume_exactly(data, tmp_path, one_process_accumulating):
+    import shutil
+
+    from spikelm.training import verify
+
+    out = tmp_path / "run"
+    fsdp = ["--use_fsdp", "--fsdp_version", "2"]
+    text = _launch(_multi_argv(data, out), fsdp)
+    assert "2 process(es) on cpu" in text and "| FSDP" in text
+    _assert_close_runs(one_process_accumulating, out, 1e-5)
+    ck = out / "checkpoint-3"
+    assert verify(ck)["num_processes"] == 2 and (ck / "rng_state_1.pth").is_file()
+    optim = torch.load(ck / "optimizer.pt", weights_only=True)  # full, unsharded, keyed by parameter name
+    assert "model.embed_tokens.weight" in optim["state"]
+    n = sum(p.numel() for p in _load_weights(out).values())
+    assert sum(s["exp_avg"].numel() for s in optim["state"].values()) == n
+    # resume at checkpoint-3 (as if killed after it) under FSDP: the same run, bit for bit
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoint-6")
+    _launch(_multi_argv(data, resumed) + ["--resume_from_checkpoint", "latest"], fsdp)
+    _assert_close_runs(out, resumed, 0.0)

@@ -46,11 +46,11 @@ def _training_rows(t: dict) -> list[tuple[str, str]]:
         ppl = v.get("perplexity", math.exp(min(v["loss"], 50.0)))
         on = f" on {v['blocks']} blocks" if v.get("blocks") else ""
         rows.append(("validation loss", f"{v['loss']:.4f} (perplexity {ppl:.2f}){on}"))
-        if v.get("firing_rate") is not None and not math.isnan(v["firing_rate"]):
-            rows.append(("firing rate", f"{v['firing_rate']:.4f} on validation (mean spike / max spike per "
-                                        "neuron-step)"))
     else:
-        rows.append(("validation loss", "not measured (no validation data)"))
+        rows.append(("validation loss", "not measured"))
+    rate, where = (v.get("firing_rate"), "on validation") if v else (t.get("train_firing_rate"), "in training")
+    if rate is not None and not math.isnan(rate):
+        rows.append(("firing rate", f"{rate:.4f} {where} (mean spike / max spike per neuron-step)"))
     if t.get("command"):
         rows.append(("command", f"`{t['command']}`"))
     return rows
@@ -65,7 +65,8 @@ def model_card(config, num_parameters: int, training: dict | None = None) -> str
 
     training (optional), every key optional: data (file names or a dataset name, or a list of them),
     data_license, tokens_seen, steps, max_steps, validation ({loss, perplexity, blocks, firing_rate}),
-    command (how it was trained), what (e.g. "checkpoint at step 200").
+    train_firing_rate (shown when there is no validation result), command (how it was trained),
+    what (e.g. "checkpoint at step 200").
     """
     spikelm = getattr(config, "model_type", None) == "spikelm"
     what = (training or {}).get("what")

@@ -286,6 +286,7 @@ class _Run:
         self.tokens_per_step = self.order.global_batch_size * self.block_size
         self.model = model
         self.out = Path(args.output_dir)
+        self.train_firing_rate = None  # the newest logged one, for model cards
 
     # ---- setup ---------------------------------------------------------------------------------
     def prepare_output_dir(self) -> None:
@@ -417,6 +418,7 @@ class _Run:
         if firing_losses:
             metrics["firing_loss"] = sum(firing_losses) / len(firing_losses)
         self.emit("train", step, metrics)
+        self.train_firing_rate = metrics["firing_rate"]
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                              tok_s=f"{metrics['tokens_per_s']:.0f}", fire=f"{metrics['firing_rate']:.3f}")
         if self.args.disable_tqdm:
@@ -441,7 +443,7 @@ class _Run:
         from ..models.model_card import model_card
         st = self.state
         facts = {"what": what, "tokens_seen": st.tokens_seen, "steps": st.global_step, "max_steps": self.max_steps,
-                 "validation": st.last_eval, **self.info}
+                 "validation": st.last_eval, "train_firing_rate": self.train_firing_rate, **self.info}
         return model_card(self.unwrapped.config, self.n_params, facts)
 
     def save(self, step: int, what: str | None = None) -> Path:
