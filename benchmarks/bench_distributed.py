@@ -79,8 +79,8 @@ def main() -> None:
                 entry["max_abs_eval_loss_diff"] = max(abs(r["eval"][s] - ref["eval"][s]) for s in ref["eval"])
                 entry["max_abs_weight_diff"] = _weights_diff(ref["out"], r["out"])
             report["runs"][m] = entry
-            print(f"{m:8s} {entry.get('max_abs_train_loss_diff', 0):22.3g} {entry.get('max_abs_eval_loss_diff', 0):21.3g} "
-                  f"{entry.get('max_abs_weight_diff', 0):18.3g} {r['wall_s']:7.1f} {r['loadavg_1min_before']:5.2f}")
+            d = [entry.get(f"max_abs_{k}_diff", 0.0) for k in ("train_loss", "eval_loss", "weight")]
+            print(f"{m:8s} {d[0]:22.3g} {d[1]:21.3g} {d[2]:18.3g} {r['wall_s']:7.1f} {r['loadavg_1min_before']:5.2f}")
     RESULTS.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {RESULTS.relative_to(ROOT)}")
 

@@ -213,7 +213,7 @@ def verify(ckpt) -> dict:
             raise CheckpointError(f"{ckpt}: {name} is truncated or changed ({size} bytes, {meta['bytes']} written)")
         if file_sha256(p) != meta["sha256"]:
             raise CheckpointError(f"{ckpt}: {name} was changed after it was written (sha256 differs)")
-    return {k: v for k, v in doc.items() if k not in ("files", "state_sha256", "format_version")}
+    return read_state(ckpt)
 
 
 def newest_intact(output_dir, before: int | None = None) -> tuple[Path | None, list[tuple[Path, str]]]:
@@ -232,7 +232,10 @@ def newest_intact(output_dir, before: int | None = None) -> tuple[Path | None, l
     return None, refused
 
 
-load_state = verify
+def read_state(ckpt) -> dict:
+    """The training state of a checkpoint that verify() has passed (no hashing again)."""
+    doc = json.loads((Path(ckpt) / STATE_FILE).read_text())
+    return {k: v for k, v in doc.items() if k not in ("files", "state_sha256", "format_version")}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -248,8 +248,9 @@ def train_model(model, train_blocks, eval_blocks, args: TrainArgs, *, tokenizer=
     rows, or None. args: the TrainArgs of the run (output_dir, optimisation, checkpoints, logging).
     tokenizer: saved with every checkpoint and the final model when given. hooks: see
     spikelm.training.hooks. accelerator: an existing Accelerator (default: one made from args).
-    resume_from: a verified checkpoint folder or None; by default args.resume_from_checkpoint is
-    resolved here. run_info: facts for the model card (data, data_license, command).
+    resume_from: a checkpoint folder that resolve_run_dir(args) returned (it verifies the files), or
+    None; by default args.resume_from_checkpoint is resolved here. run_info: facts for the model card
+    (data, data_license, command).
     """
     run = _Run(model, train_blocks, eval_blocks, args, tokenizer, hooks or TrainingHooks(), accelerator,
                resume_from, run_info or {})
@@ -279,8 +280,9 @@ class _Run:
                                 streaming=args.streaming)
         if not args.streaming and self.order.steps_per_epoch == 0:
             raise DataError(f"the training data packs into {self.order.num_blocks} blocks of {self.block_size} "
-                            f"tokens, fewer than one global batch ({self.order.global_batch_size} = per_device_train_batch_size x "
-                            "gradient_accumulation_steps x processes): lower them or give more data")
+                            f"tokens, fewer than one global batch ({self.order.global_batch_size} = "
+                            "per_device_train_batch_size x gradient_accumulation_steps x processes): lower them or "
+                            "give more data")
         self.max_steps = args.max_steps if args.max_steps > 0 else max(
             1, math.ceil(args.num_train_epochs * self.order.steps_per_epoch))
         self.tokens_per_step = self.order.global_batch_size * self.block_size
@@ -332,7 +334,7 @@ class _Run:
         if self.resume is None:
             return state
         ckpt = self.resume
-        saved = ck.verify(ckpt)
+        saved = ck.read_state(ckpt)
         keys = "name" if self.sharded else "index"  # FSDP's full optimizer state is keyed by parameter name
         if saved.get("optimizer_keys", "index") != keys:
             how = "a sharded (FSDP)" if keys == "index" else "an unsharded (single-process or DDP)"
@@ -397,10 +399,10 @@ class _Run:
                  f"({st.nonfinite_in_a_row} in a row, {st.skipped_steps} in all)")
         if st.nonfinite_in_a_row >= self.args.max_consecutive_nonfinite:
             self.close()
+            limit = self.args.max_consecutive_nonfinite
             raise TrainingError(f"{st.nonfinite_in_a_row} steps in a row (up to step {step}) had a non-finite loss or "
-                                f"gradient; aborting (--max_consecutive_nonfinite {self.args.max_consecutive_nonfinite})"
-                                ". Lower --learning_rate, raise --warmup_steps, or try --mixed_precision bf16/no; the "
-                                "last checkpoint is intact")
+                                f"gradient; aborting (--max_consecutive_nonfinite {limit}). Lower --learning_rate, "
+                                "raise --warmup_steps, or try --mixed_precision bf16/no; the last checkpoint is intact")
 
     def log_train(self, step: int, grad_norm: float, monitor, firing_losses: list[float]) -> None:
         acc, st = self.acc, self.state
@@ -574,7 +576,7 @@ class _Run:
                 for p in sorted(tmp.iterdir()):
                     os.replace(p, self.out / p.name)
                 ck._fsync_dir(self.out)
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001  (safetensors and torch raise their own types for OS errors)
                 raise ck.CheckpointWriteError(f"could not write the final model into {self.out} ({e}); the last "
                                               f"checkpoint {ck.latest_checkpoint(self.out)} is intact") from e
             finally:

@@ -14,6 +14,7 @@ from ..data import (DataError, iter_packed_blocks, iter_texts, load_raw_datasets
                     train_bpe_tokenizer)
 from ..models import SpikeLMConfig, SpikeLMForCausalLM
 from .args import ConfigError, TrainArgs
+from .checkpoint import file_sha256
 from .hooks import TrainingHooks
 from .logger import check_report_to
 from .loop import (TrainingError, TrainingInterrupted, command_line, evaluate, make_accelerator, resolve_run_dir,
@@ -130,8 +131,9 @@ def pack_splits(args: TrainArgs, raw: dict, tokenizer, accelerator):
 
 # ------------------------------------------------------------------------------------------------
 # the data's license where it is known: files shipped with SpikeLM, recognised by name and content
-_SHIPPED_DATA = {"paradise_lost.txt": ("a1dc14792678eaf4", "public domain (John Milton, Paradise Lost, 1674; "
-                                                          "Project Gutenberg transcription, see SpikeLM's data/README.md)")}
+_SHIPPED_DATA = {"paradise_lost.txt": (
+    "a1dc14792678eaf4",
+    "public domain (John Milton, Paradise Lost, 1674; Project Gutenberg transcription, see SpikeLM's data/README.md)")}
 
 
 def _data_facts(args: TrainArgs) -> dict:
@@ -147,7 +149,7 @@ def _data_facts(args: TrainArgs) -> dict:
     licenses = set()
     for f in files:
         known = _SHIPPED_DATA.get(Path(f).name)
-        if known is None or not hashlib.sha256(Path(f).read_bytes()).hexdigest().startswith(known[0]):
+        if known is None or not file_sha256(Path(f)).startswith(known[0]):
             licenses = None
             break
         licenses.add(known[1])
