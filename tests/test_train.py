@@ -696,10 +696,11 @@ def test_model_card_without_training_facts_and_the_shipped_data_license(tmp_path
 
     card = model_card(SpikeLMConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2), 12345)
     assert "## Training" not in card and "12.3 K (12,345)" in card and "trust_remote_code=True" in card
-    shipped = parse_args(["--train_file", str(ROOT / "data" / "paradise_lost.txt"), "--output_dir", str(tmp_path)])
+    shipped = parse_args(["--train_file", str(ROOT / "data" / "paradise_lost_train.txt"), "--validation_file",
+                          str(ROOT / "data" / "paradise_lost_heldout.txt"), "--output_dir", str(tmp_path)])
     assert "public domain" in _data_facts(shipped)["data_license"]
-    (tmp_path / "paradise_lost.txt").write_text("not Milton")
-    other = parse_args(["--train_file", str(tmp_path / "paradise_lost.txt"), "--output_dir", str(tmp_path)])
+    (tmp_path / "paradise_lost_train.txt").write_text("not Milton")
+    other = parse_args(["--train_file", str(tmp_path / "paradise_lost_train.txt"), "--output_dir", str(tmp_path)])
     assert _data_facts(other)["data_license"] is None
     assert "not recorded" in model_card(SpikeLMConfig(vocab_size=300), 1, _data_facts(other))
 

@@ -131,9 +131,9 @@ def pack_splits(args: TrainArgs, raw: dict, tokenizer, accelerator):
 
 # ------------------------------------------------------------------------------------------------
 # the data's license where it is known: files shipped with SpikeLM, recognised by name and content
-_SHIPPED_DATA = {"paradise_lost.txt": (
-    "a1dc14792678eaf4",
-    "public domain (John Milton, Paradise Lost, 1674; Project Gutenberg transcription, see SpikeLM's data/README.md)")}
+_MILTON = "public domain (John Milton, Paradise Lost; Project Gutenberg transcription, see SpikeLM's data/README.md)"
+_SHIPPED_DATA = {"paradise_lost_train.txt": ("37d998f36fc8876b", _MILTON),
+                 "paradise_lost_heldout.txt": ("c1c12fd6b900601b", _MILTON)}
 
 
 def _data_facts(args: TrainArgs) -> dict:
