@@ -1,8 +1,9 @@
 """Language-modelling quality on the benchmark corpus: SpikeLM (DSN, LIF, sliding PSN) against Llama.
 
-One BPE tokenizer trained on the train split; four models with (nearly) equal parameter counts,
-trained on exactly the same batches (same seed, same token budget) with the same AdamW, warmup +
-cosine schedule; then, on the validation split:
+One BPE tokenizer trained on the train split; models with (nearly) equal parameter counts, each trained
+by train.py's own recipe and loop (`spikelm.training.train_model`: its AdamW parameter groups, warmup +
+cosine schedule, clipping, packed blocks whose positions restart at every document) on exactly the same
+blocks in the same order (same seed, same token budget); then, on the validation split:
   * perplexity on contiguous blocks of the training length T (the in-distribution number);
   * perplexity by position over whole documents up to 16 x T: SpikeLM runs chunk by chunk
     (T tokens per call) through its O(1) cache, i.e. exactly the streaming model; Llama runs one
@@ -22,6 +23,7 @@ results), then quality.json, quality.md and PNGs (perplexity by position, traini
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -74,21 +76,35 @@ def get_tokenizer(args, train_docs):
 
 def token_stream(tok, docs: list[dict], n_tokens: int, seed: int) -> torch.Tensor:
     """Documents in a seeded random order, each followed by EOS, concatenated until n_tokens."""
+    return torch.cat([torch.tensor(d, dtype=torch.long) for d in document_ids(tok, docs, n_tokens, seed)])[:n_tokens]
+
+
+def document_ids(tok, docs: list[dict], n_tokens: int, seed: int) -> list[list[int]]:
+    """Token ids of documents in a seeded random order (each + EOS) until they hold n_tokens."""
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
-    ids, total, eos = [], 0, tok.eos_token_id
+    out, total, eos = [], 0, tok.eos_token_id
     batch = 256
     for i in range(0, len(order), batch):
         enc = tok([docs[j]["text"] for j in order[i:i + batch]], add_special_tokens=False)["input_ids"]
         for e in enc:
-            ids.append(torch.tensor(e + [eos], dtype=torch.int32))
+            out.append(e + [eos])
             total += len(e) + 1
         if total >= n_tokens:
-            break
-    out = torch.cat(ids)
-    if out.numel() < n_tokens:
-        raise SystemExit(f"corpus too small: {out.numel()} tokens < {n_tokens} needed")
-    return out[:n_tokens].long()
+            return out
+    raise SystemExit(f"corpus too small: {total} tokens < {n_tokens} needed")
+
+
+def training_blocks(tok, docs: list[dict], n_blocks: int, block: int, seed: int) -> list[dict]:
+    """n_blocks rows of `block` tokens packed as train.py packs them (spikelm.data.pack_token_lists): documents
+    one after another with EOS between them, position_ids restarting at every document start."""
+    from spikelm.data import pack_token_lists
+
+    # pack_token_lists appends the EOS itself
+    ids = [d[:-1] for d in document_ids(tok, docs, n_blocks * block + block, seed)]
+    packed = pack_token_lists(ids, tok.eos_token_id, block)
+    return [{"input_ids": torch.from_numpy(packed["input_ids"][i]), "position_ids": torch.from_numpy(packed["position_ids"][i])}
+            for i in range(n_blocks)]
 
 
 def long_documents(tok, docs: list[dict], length: int, max_docs: int) -> torch.Tensor:
@@ -144,53 +160,32 @@ def n_params(model) -> int:
 
 
 # -------------------------------------------------------------------------------------- training
-def lr_at(step: int, args) -> float:
-    warm = max(1, int(args.warmup * args.steps))
-    if step < warm:
-        return args.lr * (step + 1) / warm
-    p = (step - warm) / max(1, args.steps - warm)
-    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+def recipe_args(args, name: str):
+    """train.py's arguments for this benchmark's run of one model (the recipe's defaults for everything else)."""
+    from spikelm.training import TrainArgs
+
+    return TrainArgs(output_dir=str(args.work / f"run_{name}"), overwrite_output_dir=True,
+                     per_device_train_batch_size=args.batch, learning_rate=args.lr, weight_decay=args.weight_decay,
+                     adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=args.clip, lr_scheduler_type="cosine",
+                     warmup_steps=max(1, int(args.warmup * args.steps)), max_steps=args.steps, seed=args.seed,
+                     save_steps=0, eval_steps=0, logging_steps=args.log_every, report_to="csv", disable_tqdm=True,
+                     num_threads=args.threads or None)
 
 
-def train(model, train_ids: torch.Tensor, args, name: str) -> dict:
-    """Every model sees the same batches: block starts drawn from one seeded generator."""
-    model.train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-    n_blocks = (train_ids.numel() - 1) // args.block
-    blocks = train_ids[: n_blocks * args.block].view(n_blocks, args.block)
-    g = torch.Generator().manual_seed(args.seed)
-    perm = torch.randperm(n_blocks, generator=g)
-    curve, t0, ema = [], time.time(), None
-    for step in range(args.steps):
-        idx = perm[(step * args.batch + torch.arange(args.batch)) % n_blocks]
-        x = blocks[idx]
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
-        out = model(input_ids=x, labels=x)
-        loss = out.loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        opt.step()
-        lv = loss.item()
-        if not math.isfinite(lv):
-            raise RuntimeError(f"{name}: non-finite loss at step {step}")
-        point = {"step": step + 1, "loss": lv, "time_s": time.time() - t0}
-        firing = getattr(out, "firing_loss", None)
-        if firing is not None:  # the curve keeps the cross-entropy, comparable across models
-            point["firing_loss"] = firing.item()
-            point["loss"] = lv = lv - model.config.firing_loss_coef * point["firing_loss"]
-        ema = lv if ema is None else 0.95 * ema + 0.05 * lv
-        curve.append(point)
-        if (step + 1) % args.log_every == 0 or step == 0 or step + 1 == args.steps:
-            el = time.time() - t0
-            log(f"{name} step {step + 1}/{args.steps} loss {lv:.3f} (ema {ema:.3f}) gnorm {float(gnorm):.2f} "
-                + (f"firing loss {point['firing_loss']:.4f} " if firing is not None else "")
-                + f"lr {lr_at(step, args):.2e} {el:.0f}s ({(step + 1) * args.batch * args.block / el:.0f} tok/s)")
-    return {"train_time_s": time.time() - t0, "final_train_loss_ema": ema, "curve": curve}
+def train(model, blocks: list[dict], args, name: str) -> dict:
+    """Train with train.py's recipe and loop; every model gets the same blocks in the same order (BlockOrder)."""
+    from spikelm.training import read_csv, train_model
+
+    targs = recipe_args(args, name)
+    t0 = time.time()
+    summary = train_model(model, blocks, None, targs)
+    rows = read_csv(Path(targs.output_dir) / "logs" / "train.csv")
+    # the logged loss includes a firing loss where there is one: the curve keeps it as train.py logs it
+    curve = [{"step": int(r["step"]), "loss": float(r["loss"]), "time_s": None} for r in rows]
+    log(f"{name}: trained {summary['steps']} steps in {time.time() - t0:.0f}s")
+    return {"train_time_s": time.time() - t0, "final_train_loss": curve[-1]["loss"] if curve else None,
+            "curve": curve, "recipe": {k: (str(v) if isinstance(v, Path) else v) for k, v in
+                                       dataclasses.asdict(targs).items() if k != "model"}}
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -457,7 +452,6 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--clip", type=float, default=1.0)
@@ -508,12 +502,11 @@ def main(argv=None):
     val_docs = read_docs(args.corpus / "validation.jsonl")
     tok = get_tokenizer(args, train_docs)
     vocab = len(tok)
-    n_train = args.steps * args.batch * args.block + 1
     t0 = time.time()
-    train_ids = token_stream(tok, train_docs, n_train + args.block, args.seed)
+    train_blocks = training_blocks(tok, train_docs, args.steps * args.batch, args.block, args.seed)
     val_ids = token_stream(tok, val_docs, args.val_blocks * args.block + 1, args.seed + 1)
     long_ids, long_docs = long_documents(tok, val_docs, 16 * args.block, args.long_docs)
-    log(f"data: {train_ids.numel()} train tokens, {val_ids.numel()} validation tokens, {long_docs.shape[0]} long "
+    log(f"data: {len(train_blocks) * args.block} train tokens, {val_ids.numel()} validation tokens, {long_docs.shape[0]} long "
         f"validation documents of {16 * args.block + 1} tokens ({time.time() - t0:.0f}s)")
     if args.prepare_only:
         return
@@ -528,7 +521,7 @@ def main(argv=None):
         log(f"=== {LABELS[name]}: {counts[name] / 1e6:.3f} M params, {args.steps} steps")
         result = {"model": name, "label": LABELS[name], "params": counts[name], "settings": settings,
                   "config": model.config.to_dict(), "machine": machine_info(args), "command": command}
-        result.update(train(model, train_ids, args, name))
+        result.update(train(model, train_blocks, args, name))
         torch.save(model.state_dict(), args.work / f"{name}.pt")
         t1 = time.time()
         result.update(eval_blocks(model, val_ids, args, spiking=name != "llama"))
