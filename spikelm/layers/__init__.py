@@ -4,8 +4,9 @@ from .mlp import SpikingMLP
 from .neuron_layer import NeuronLayer
 from .norm import RMSNorm
 from .rotary import rotary_embedding
+from .spike_linear import SPARSE_MODES, SpikeLinear, set_sparse_mode
 from .spiking_attention import SpikingAttentionBlock, windowed_causal_attention
 from .spiking_ssm import SpikingSSMBlock
 
-__all__ = ["NeuronLayer", "RMSNorm", "SequenceContext", "SpikingAttentionBlock", "SpikingMLP", "SpikingSSMBlock",
-           "rotary_embedding", "windowed_causal_attention"]
+__all__ = ["NeuronLayer", "RMSNorm", "SPARSE_MODES", "SequenceContext", "SpikeLinear", "SpikingAttentionBlock",
+           "SpikingMLP", "SpikingSSMBlock", "rotary_embedding", "set_sparse_mode", "windowed_causal_attention"]

@@ -17,6 +17,7 @@ from torch import nn
 from .context import SequenceContext
 from .mlp import SpikingMLP
 from .neuron_layer import NeuronLayer
+from .spike_linear import SpikeLinear
 
 
 class SpikingSSMBlock(nn.Module):
@@ -24,12 +25,12 @@ class SpikingSSMBlock(nn.Module):
         super().__init__()
         inner = ssm_expand * hidden_size
         self.in_spikes = NeuronLayer(hidden_size, neuron_kwargs, eps)
-        self.in_proj = nn.Linear(hidden_size, 2 * inner, bias=False)
+        self.in_proj = SpikeLinear(hidden_size, 2 * inner, bias=False)
         self.in_proj.feeds_neuron = True
         self.core = NeuronLayer(inner, neuron_kwargs, eps, normalize=False)
         gate_kwargs = dict(neuron_kwargs, spike_mode="binary", surrogate="atan")
         self.gate = NeuronLayer(inner, gate_kwargs, eps, normalize=False)
-        self.out_proj = nn.Linear(inner, hidden_size, bias=False)
+        self.out_proj = SpikeLinear(inner, hidden_size, bias=False)
         self.mlp = SpikingMLP(hidden_size, intermediate_size, neuron_kwargs, eps)
 
     def forward(self, x: torch.Tensor, ctx: SequenceContext, state: dict | None = None, return_state: bool = False):
