@@ -233,6 +233,25 @@ def test_layer_dispatch():
     assert big.weight.grad is not None and x.grad is not None
 
 
+def test_density_monitor_counts_by_hand():
+    from spikelm.eval.sparsity import SpikeDensityMonitor
+
+    model = torch.nn.Sequential(SpikeLinear(8, 5, bias=False), torch.nn.ReLU(), SpikeLinear(5, 100, bias=False))
+    model[0].crossover, model[2].crossover = 0.0, 0.5  # the first never sparse in "auto", the second up to 2 of 5
+    s = torch.tensor([[[1.0, 0, 0, 2, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]]])
+    with torch.no_grad(), SpikeDensityMonitor(model) as monitor:
+        model[0](s)
+        model[2](torch.tensor([[1.0, 0, 0, 0, 3], [1, 1, 1, 0, 0]]))
+    r = monitor.report()
+    first, second = r["layers"]["0"], r["layers"]["2"]
+    assert first["density"] == 10 / 24 and first["dense_bytes_per_token"] == 8 * 5 * 4
+    assert first["sparse_bytes_per_token"] == 10 / 3 * 5 * 4 and first["auto_bytes_per_token"] == 8 * 5 * 4
+    assert second["density"] == 5 / 10 and second["auto_sparse_fraction"] == 0.5
+    assert second["auto_bytes_per_token"] == (2 * 100 * 4 + 5 * 100 * 4) / 2
+    assert r["total"]["dense_bytes_per_token"] == 8 * 5 * 4 + 5 * 100 * 4
+    assert r["mean_density"] == (10 / 24 * 8 + 0.5 * 5) / 13
+
+
 # -- sparse decoding of a trained model ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained_model():
