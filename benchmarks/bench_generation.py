@@ -63,6 +63,17 @@ def spikelm_config(args) -> SpikeLMConfig:
                          num_attention_heads=max(1, args.hidden // 64), attention_window=args.window)
 
 
+def spikelm_row(spikelm, name: str, sparse_mode: str = "auto"):
+    """A copy of spikelm (the same weights) set up as SPIKELM_ROWS[name] says, in eval mode."""
+    mode, compiled = SPIKELM_ROWS[name]
+    model = SpikeLMForCausalLM(spikelm.config)
+    model.load_state_dict(spikelm.state_dict())
+    model.set_sparse_inference(mode or sparse_mode)
+    if compiled:
+        model.compile_decoding()  # decoding steps through torch.compile (Inductor)
+    return model.eval()
+
+
 def build_models(args, names: list[str]):
     if args.model:
         from spikelm.eval.loading import load_model
@@ -77,13 +88,7 @@ def build_models(args, names: list[str]):
     models = {}
     for name in names:
         if name in SPIKELM_ROWS:
-            mode, compiled = SPIKELM_ROWS[name]
-            model = SpikeLMForCausalLM(cfg)
-            model.load_state_dict(spikelm.state_dict())  # the same weights in every SpikeLM row
-            model.set_sparse_inference(mode or args.sparse_mode)
-            if compiled:
-                model.compile_decoding()  # decoding steps through torch.compile (Inductor)
-            models[name] = model.eval()
+            models[name] = spikelm_row(spikelm, name, args.sparse_mode)
         elif name == "llama":
             # widen the MLP until the size matches SpikeLM's within a few percent
             size = _match(n, lambda m: _count(LlamaForCausalLM, LlamaConfig(

@@ -68,12 +68,25 @@ def crossover(densities, dense_s, sparse_s) -> float:
 
 
 def fit(xs, ys):
-    """Least squares y = a + b x: (a, b)."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
-    return my - b * mx, b
+    """Theil-Sen line y = a + b x (median of the pairwise slopes, then the median intercept): (a, b). Robust to
+    the outliers a shared machine adds to single timings."""
+    slopes = sorted((y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(zip(xs, ys))
+                    for x2, y2 in list(zip(xs, ys))[i + 1:] if x2 != x1)
+    b = slopes[len(slopes) // 2] if slopes else 0.0
+    icepts = sorted(y - b * x for x, y in zip(xs, ys))
+    return icepts[len(icepts) // 2], b
+
+
+def cost_models(results: list) -> dict:
+    """Per (dtype, regime, rows): dense = a + b x in x out, sparse = a + b x fired x out (microseconds, weights)."""
+    models = {}
+    for key in sorted({(r["dtype"], r["regime"], r["rows"]) for r in results}):
+        rs = [r for r in results if (r["dtype"], r["regime"], r["rows"]) == key]
+        dense = fit([r["in"] * r["out"] for r in rs for _ in r["densities"]], [t for r in rs for t in r["dense_us"]])
+        sparse = fit([f * r["out"] for r in rs for f in r["fired_inputs"]], [t for r in rs for t in r["sparse_us"]])
+        models["/".join(map(str, key))] = {"dense_us": dense[0], "dense_ns_per_weight": dense[1] * 1e3,
+                                           "sparse_us": sparse[0], "sparse_ns_per_weight": sparse[1] * 1e3}
+    return models
 
 
 def main(argv=None) -> None:
@@ -125,14 +138,7 @@ def main(argv=None) -> None:
                           + "/".join(f"{sparse_s[DENSITIES.index(d)] * 1e6:.1f}" for d in (0.0, 0.1, 0.3, 1.0))
                           + f" us, crossover {x:.2f}", flush=True)
                 del weights
-    # cost model per (dtype, regime, rows): dense = a + b * in * out, sparse = a + b * fired * out (weights read)
-    models = {}
-    for key in {(r["dtype"], r["regime"], r["rows"]) for r in results}:
-        rs = [r for r in results if (r["dtype"], r["regime"], r["rows"]) == key]
-        dense = fit([r["in"] * r["out"] for r in rs for _ in r["densities"]], [t for r in rs for t in r["dense_us"]])
-        sparse = fit([f * r["out"] for r in rs for f in r["fired_inputs"]], [t for r in rs for t in r["sparse_us"]])
-        models["/".join(map(str, key))] = {"dense_us": dense[0], "dense_ns_per_weight": dense[1] * 1e3,
-                                           "sparse_us": sparse[0], "sparse_ns_per_weight": sparse[1] * 1e3}
+    models = cost_models(results)
     print("\ncost model (us fixed + ns per weight read):")
     for k, m in sorted(models.items()):
         print(f"  {k:<22} dense {m['dense_us']:6.1f} us + {m['dense_ns_per_weight']:.4f} ns/w   "

@@ -26,11 +26,15 @@ from ..ops.spike_linear import spike_linear
 SPARSE_MODES = ("auto", "on", "off")
 # "auto" takes the sparse path for at most this many rows (batch x tokens): decoding steps, not prefill
 AUTO_MAX_ROWS = 16
-# the cost model behind "auto" (one thread, float32; benchmarks/results/bench_spike_linear.json)
-DENSE_US = 8.0
-DENSE_NS_PER_WEIGHT = 0.10
-SPARSE_US = 20.0
-SPARSE_NS_PER_WEIGHT = 0.10
+# The cost model behind "auto": Theil-Sen fits of one-thread float32 batch-1 calls on this project's 2-core EPYC VM,
+# weights in cache (benchmarks/bench_spike_linear.py, results/bench_spike_linear.json, "float32/hot/1"; measured at
+# load 10-13, which inflates the fixed costs). Per weight read the two products cost about the same (the sparse
+# walk reads whole contiguous rows), so large layers are sparse at any density and small ones, whose dense
+# product costs less than the sparse call's fixed cost, never.
+DENSE_US = 0.0
+DENSE_NS_PER_WEIGHT = 0.227
+SPARSE_US = 22.7
+SPARSE_NS_PER_WEIGHT = 0.189
 
 
 def crossover_density(in_features: int, out_features: int) -> float:
