@@ -42,7 +42,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCau
 from spikelm import SpikeLMConfig, SpikeLMForCausalLM
 from spikelm.eval.sparsity import SpikeDensityMonitor
 from spikelm.models import CACHE_NAME
-from spikelm.ops.spike_linear import BACKEND_CALLS, transposed_nbytes
+from spikelm.ops.spike_linear import BACKEND_CALLS, layouts_nbytes
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -247,7 +247,7 @@ def main() -> None:
             all_tokens[name] = tokens
             extra["sparse_mode"] = model.lm_head.sparse_mode
             extra["op_calls_per_token"] = {k: v / args.max_tokens for k, v in BACKEND_CALLS.items()}
-            extra["transposed_copy_mb"] = transposed_nbytes() / 2**20
+            extra["weight_copies_mb"] = layouts_nbytes() / 2**20  # the sparse layouts of every row so far
         else:
             extra["weight_bytes_per_token"] = linear_weight_bytes(model)
         results[name] = {"params": params, "warmup_s": warmup_s, "checkpoints": marks, "first_1k_ms": first * 1e3,

@@ -18,8 +18,8 @@ from spikelm import SpikeLMConfig, SpikeLMForCausalLM, StreamingGenerator
 from spikelm.layers import SpikeLinear, set_sparse_mode
 from spikelm.layers.spike_linear import AUTO_MAX_ROWS, crossover_density
 from spikelm.models import CACHE_NAME
-from spikelm.ops.spike_linear import (BACKEND_CALLS, _TRANSPOSED, LIBRARY, c_kernel_available, naive_spike_linear,
-                                      spike_linear, transposed_weight)
+from spikelm.ops.spike_linear import (_LAYOUTS, BACKEND_CALLS, LIBRARY, c_kernel_available, naive_spike_linear,
+                                      quantize_int8, spike_linear, transposed_weight)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,9 +153,41 @@ def test_transposed_layout_follows_the_weight():
         w.mul_(-2.0)
     check_close(spike_linear(s, w), s, w)
     assert transposed_weight(w) is not wt
-    key = id(w)
+    key = (id(w), "transposed")
     del w, wt
-    assert key not in _TRANSPOSED
+    assert key not in _LAYOUTS
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int8_weights_integer_accumulates(rows):
+    """int8: exactly scale x (the integer sum of spike x int8 weight) + bias, and close to the float product."""
+    gen = torch.Generator().manual_seed(4)
+    w, b = torch.randn(301, 77, generator=gen), torch.randn(301, generator=gen)
+    w[5] = 0.0  # a row of zeros (scale 1)
+    s = random_spikes((rows, 77), 0.3, max_spike=15, gen=gen)
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.shape == (77, 301) and q.abs().max() == 127 and scale[5] == 1
+    torch.testing.assert_close(q.t().float() * scale[:, None], w, rtol=0, atol=float(scale.max()) / 2 + 1e-7)
+    got, ran = backend_of(lambda: spike_linear(s, w, b, int8=True))
+    assert ran == {"c_int8" if c_kernel_available() else "torch_int8"}
+    exact = (s.double() @ q.double()) * scale.double() + b.double()  # integer sums: exact in float64
+    torch.testing.assert_close(got.double(), exact, rtol=1e-6, atol=1e-5)
+    check_close(got, s, q.t().float() * scale[:, None], b)
+    assert (got - F.linear(s, w, b)).abs().max() < 0.05 * F.linear(s, w, b).abs().max()
+    s_half = s.clone()
+    s_half[0, 0] = 0.5  # not a spike count: the float dense product runs instead
+    got, ran = backend_of(lambda: spike_linear(s_half, w, b, int8=True))
+    assert ran == {"dense"} and torch.equal(got, F.linear(s_half, w, b))
+
+
+def test_int8_torch_fallback(monkeypatch):
+    monkeypatch.setattr(LIBRARY, "load", lambda: None)
+    w = torch.randn(40, 24)
+    s = random_spikes((2, 24), 0.5)
+    q, scale = quantize_int8(w)
+    got, ran = backend_of(lambda: spike_linear(s, w, int8=True))
+    assert ran == {"torch_int8"}
+    torch.testing.assert_close(got.double(), (s.double() @ q.double()) * scale.double(), rtol=1e-6, atol=1e-5)
 
 
 def test_errors_name_the_problem():
@@ -185,7 +217,8 @@ def test_torch_fallback_without_the_c_kernel(monkeypatch):
 def test_op_registration_and_compile_without_graph_break():
     w = torch.randn(24, 16)
     s = random_spikes((2, 16), 0.3)
-    torch.library.opcheck(torch.ops.spikelm.spike_linear.default, (s, w, None, 1.0))
+    torch.library.opcheck(torch.ops.spikelm.spike_linear.default, (s, w, None, 1.0, False))
+    torch.library.opcheck(torch.ops.spikelm.spike_linear.default, (s, w, None, 1.0, True))
     torch._dynamo.reset()
     layer = SpikeLinear(16, 24).eval()
     set_sparse_mode(layer, "on")
@@ -209,6 +242,8 @@ def test_spike_linear_layer_is_an_nn_linear():
             torch.testing.assert_close(layer(s), dense(s), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="'auto', 'on', 'off'"):
         set_sparse_mode(layer, "sparse")
+    with pytest.raises(ValueError, match="int8 must be True or False"):
+        set_sparse_mode(layer, "on", int8="yes")
 
 
 def test_layer_dispatch():
@@ -324,3 +359,16 @@ def test_greedy_decoding_same_tokens_sparse_and_dense(trained_model):
     assert backend_of(lambda: list(stream.generate(5)))[1] == set()
     with pytest.raises(ValueError, match="sparse inference mode"):
         model.set_sparse_inference("fast")
+
+
+def test_int8_weights_barely_change_the_loss(trained_model):
+    model, data, _ = trained_model
+    text = data[None, 30000:30512]
+    with torch.no_grad():
+        model.set_sparse_inference("off")
+        dense = model(text, labels=text).loss.item()
+        model.set_sparse_inference("on", int8=True)  # "on": the parallel forward takes the int8 product too
+        int8, ran = backend_of(lambda: model(text, labels=text).loss.item())
+    model.set_sparse_inference("auto")
+    assert ran == {"c_int8" if c_kernel_available() else "torch_int8"}
+    assert abs(int8 - dense) < 0.02 * dense, (int8, dense)

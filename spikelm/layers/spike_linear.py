@@ -13,6 +13,9 @@ decoding step), its `sparse_mode` picks the product:
   A layer so small that the sparse call's fixed cost outweighs reading all its weights never takes
   the sparse path (and the op is then not even called).
 
+`sparse_int8` (False by default) makes the sparse path read int8 weights with one scale per output
+feature (ops.spike_linear's int8 layout); the dense path stays in the weights' own dtype.
+
 SpikeLMForCausalLM.set_sparse_inference(mode) sets the mode of every SpikeLinear of a model.
 """
 from __future__ import annotations
@@ -55,28 +58,31 @@ class SpikeLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device, dtype)
         self.sparse_mode = "auto"
+        self.sparse_int8 = False
         self.crossover = crossover_density(in_features, out_features)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, sparse_mode={self.sparse_mode}"
+        return f"{super().extra_repr()}, sparse_mode={self.sparse_mode}" + (", int8" if self.sparse_int8 else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self.sparse_mode
         if mode != "off" and x.device.type == "cpu" and not (
                 torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             if mode == "on":
-                return spike_linear(x, self.weight, self.bias, 1.0)
+                return spike_linear(x, self.weight, self.bias, 1.0, self.sparse_int8)
             if self.crossover > 0 and x.numel() <= AUTO_MAX_ROWS * self.in_features:
-                return spike_linear(x, self.weight, self.bias, self.crossover)
+                return spike_linear(x, self.weight, self.bias, self.crossover, self.sparse_int8)
         return F.linear(x, self.weight, self.bias)
 
 
-def set_sparse_mode(module: nn.Module, mode: str) -> int:
-    """Set sparse_mode on every SpikeLinear inside module; returns how many there are."""
+def set_sparse_mode(module: nn.Module, mode: str, int8: bool = False) -> int:
+    """Set sparse_mode (and sparse_int8) on every SpikeLinear inside module; returns how many there are."""
     check_sparse_mode(mode)
+    if not isinstance(int8, bool):
+        raise ValueError(f"int8 must be True or False, got {int8!r}")
     n = 0
     for m in module.modules():
         if isinstance(m, SpikeLinear):
-            m.sparse_mode = mode
+            m.sparse_mode, m.sparse_int8 = mode, int8
             n += 1
     return n
