@@ -6,7 +6,8 @@
     # perplexity by position to 16x the training length, parallel and streaming (they must agree)
     python evaluate.py position --model DIR --text_file test.txt --train_len 512 --multiple 16 \\
         --out_json benchmarks/results/ppl_by_position.json --out_png benchmarks/results/ppl_by_position.png
-    # firing rates, spikes per token, energy (spiking vs non-spiking), unfolded-spike logits check
+    # firing rates, spikes per token, energy (spiking vs non-spiking), unfolded-spike logits check, and per
+    # spike-fed linear the input density and the bytes of weights a decoding step reads, dense and sparse
     python evaluate.py spikes --model DIR --text_file test.txt --tokens 2048 --out_json spikes.json --out_png spikes.png
 
 Every command prints its JSON to stdout (and to --out_json); the JSON records the command line.
@@ -62,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="streaming mode: tokens per step through the cache (1: the serial O(1) step)")
     q.add_argument("--out_png", default=None, help="plot of perplexity vs position")
 
-    q = sub.add_parser("spikes", help="firing rates, spikes per token, energy estimate, unfolding check")
+    q = sub.add_parser("spikes", help="firing rates, spikes per token, energy estimate, unfolding check, density and "
+                                      "bytes of weights read per token (dense and sparse)")
     _common(q)
     q.add_argument("--tokens", type=int, default=1024, help="tokens of the file to run (one parallel forward)")
     q.add_argument("--mac_pj", type=float, default=4.6, help="energy of a multiply-accumulate (pJ)")
@@ -176,6 +178,7 @@ def cmd_position(args, model, tokenizer) -> dict:
 def cmd_spikes(args, model, tokenizer) -> dict:
     from spikelm.eval import spiking_analysis, unfolding_check
     from spikelm.eval.loading import UserError
+    from spikelm.eval.sparsity import sparsity_analysis
 
     if args.tokens < 1:
         raise UserError(f"--tokens must be >= 1, got {args.tokens}")
@@ -188,6 +191,7 @@ def cmd_spikes(args, model, tokenizer) -> dict:
         raise UserError(str(e)) from None
     if not args.no_unfold_check:
         result["unfolding_check"] = unfolding_check(model, ids[None])
+    result["sparse_inference"] = sparsity_analysis(model, ids[None])
     if args.out_png:
         from spikelm.eval.plots import plot_spiking_analysis
 

@@ -40,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--interactive", action="store_true", help="read turns from stdin, keeping the state")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token steps: faster long streams, after a compile of seconds to minutes")
+    p.add_argument("--sparse", choices=("auto", "on", "off"), default="auto",
+                   help="spike-sparse linear layers on CPU: read only the weights of the inputs that fired (auto: "
+                        "where the measured density makes it pay; on: always; off: dense)")
     return p.parse_args(argv)
 
 
@@ -55,7 +58,7 @@ def report(stats: dict, gen, device) -> None:
     rate = stats["generated"] / secs if secs > 0 else float("nan")
     msg = (f"[generate] {stats['generated']} tokens in {secs:.2f} s ({rate:.1f} tokens/s); prompt "
            f"{stats['prompt_tokens']} tokens in {stats['prompt_seconds']:.2f} s; peak RSS {peak_rss_mib():.0f} MiB; "
-           f"model state {gen.state_nbytes() / 1024:.1f} KiB")
+           f"model state {gen.state_nbytes() / 1024:.1f} KiB; sparse {stats['sparse']}")
     if device.type == "cuda":
         msg += f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
     print(msg, file=sys.stderr, flush=True)
@@ -97,6 +100,7 @@ def main(argv=None) -> int:
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    model.set_sparse_inference(args.sparse)
     if args.compile:
         model.compile_decoding()
     from spikelm import StreamingGenerator
@@ -105,7 +109,7 @@ def main(argv=None) -> int:
                              repetition_penalty=args.repetition_penalty, penalty_window=args.penalty_window,
                              chunk_size=args.chunk_size, seed=args.seed, stop_at_eos=not args.ignore_eos)
     device = next(model.parameters()).device
-    stats = {"generated": 0, "gen_seconds": 0.0, "prompt_tokens": 0, "prompt_seconds": 0.0}
+    stats = {"generated": 0, "gen_seconds": 0.0, "prompt_tokens": 0, "prompt_seconds": 0.0, "sparse": args.sparse}
 
     def feed(text: str) -> int:
         t = time.perf_counter()

@@ -1,17 +1,34 @@
-"""Generation speed and memory against generated length: SpikeLM vs Mamba vs Llama (KV cache), CPU.
+"""Generation speed and memory against generated length: SpikeLM (dense and spike-sparse) vs Mamba vs Llama, CPU.
 
-Each model (random weights, about the same parameter count) is primed with a short prompt and then
-decodes greedily one token at a time through its own cache, up to --max-tokens. We record the
-per-token latency of every step, the process RSS and the cache size at each checkpoint length.
+Each model is primed with a prompt and then decodes greedily one token at a time through its own
+cache, up to --max-tokens. We record the per-token latency of every step, the process RSS and the
+cache size at each checkpoint length, and the bytes of weights each step reads.
+
+SpikeLM rows: `spikelm` (dense, eager), `spikelm_compiled` (dense, compile_decoding()),
+`spikelm_sparse` and `spikelm_sparse_compiled` (set_sparse_inference(--sparse-mode), default "auto":
+the event-driven product where the measured density makes it pay). Every SpikeLM row decodes the
+same weights from the same prompt, and the JSON records whether its greedy tokens equal the dense
+eager row's. Bytes of weights read per token: for SpikeLM, from the spike density of the
+spike-fed linears measured on the dense eager row's first --density-tokens steps (spikelm.eval.
+sparsity: dense in x out, sparse fired x out, per layer); for Llama and Mamba, every nn.Linear
+weight (the dense read).
+
+The SpikeLM model: random weights of a given shape (--vocab/--hidden/--layers, or --config YAML,
+e.g. configs/paper-137m.yaml), or a trained model (--model DIR, with --prompt-file giving real text
+for the prompt); Llama and Mamba get random weights and about the same parameter count.
 
     python benchmarks/bench_generation.py                      # 1k..32k tokens, ~12M-param models
     python benchmarks/bench_generation.py --max-tokens 4096    # quicker
+    python benchmarks/bench_generation.py --config configs/paper-137m.yaml --max-tokens 1024 \
+        --models spikelm,spikelm_compiled,spikelm_sparse,spikelm_sparse_compiled,llama,mamba --out results/x
+    python benchmarks/bench_generation.py --model runs/tiny --prompt-file val.txt --models spikelm,spikelm_sparse
 
-Writes benchmarks/results/bench_generation.json and .png.
+Writes benchmarks/results/bench_generation.json and .png (or --out).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import os
@@ -24,30 +41,82 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
 
 from spikelm import SpikeLMConfig, SpikeLMForCausalLM
+from spikelm.eval.sparsity import SpikeDensityMonitor
 from spikelm.models import CACHE_NAME
+from spikelm.ops import record_backends
+from spikelm.ops.spike_linear import layouts_nbytes
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def build_models(vocab: int, hidden: int, layers: int, window: int):
-    spikelm = SpikeLMForCausalLM(SpikeLMConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                                               num_attention_heads=max(1, hidden // 64), attention_window=window))
+SPIKELM_ROWS = {"spikelm": ("off", False), "spikelm_compiled": ("off", True), "spikelm_sparse": (None, False),
+                "spikelm_sparse_compiled": (None, True)}  # row -> (sparse mode, None: --sparse-mode; compiled)
+
+
+def spikelm_config(args) -> SpikeLMConfig:
+    """The SpikeLM shape: from --config (a train.py YAML's model keys) or --vocab/--hidden/--layers/--window."""
+    if args.config:
+        from spikelm.training.args import load_yaml, model_keys
+
+        data = load_yaml(args.config)
+        return SpikeLMConfig(vocab_size=data.get("vocab_size", args.vocab),
+                             **{k: v for k, v in data.items() if k in model_keys()})
+    return SpikeLMConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                         num_attention_heads=max(1, args.hidden // 64), attention_window=args.window)
+
+
+def spikelm_row(spikelm, name: str, sparse_mode: str = "auto"):
+    """A copy of spikelm (the same weights) set up as SPIKELM_ROWS[name] says, in eval mode."""
+    mode, compiled = SPIKELM_ROWS[name]
+    model = SpikeLMForCausalLM(spikelm.config)
+    model.load_state_dict(spikelm.state_dict())
+    model.set_sparse_inference(mode or sparse_mode)
+    if compiled:
+        model.compile_decoding()  # decoding steps through torch.compile (Inductor)
+    return model.eval()
+
+
+def build_models(args, names: list[str]):
+    if args.model:
+        from spikelm.eval.loading import load_model
+
+        spikelm, tokenizer = load_model(args.model, "cpu", None, need_tokenizer=bool(args.prompt_file))
+    else:
+        spikelm, tokenizer = SpikeLMForCausalLM(spikelm_config(args)), None
+    cfg = spikelm.config
+    vocab, hidden, layers = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
+    heads = max(1, hidden // 64)
     n = sum(p.numel() for p in spikelm.parameters())
-    # widen the baselines' MLP/expansion until their size matches SpikeLM's within a few percent
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                                         num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
-                                         intermediate_size=_match(n, lambda m: _count(LlamaForCausalLM, LlamaConfig(
-                                             vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                                             num_attention_heads=max(1, hidden // 64), intermediate_size=m,
-                                             tie_word_embeddings=True)), lo=hidden, hi=16 * hidden),
-                                         max_position_embeddings=65536, tie_word_embeddings=True))
-    mamba_layers = _match(n, lambda L: _count(MambaForCausalLM, MambaConfig(vocab_size=vocab, hidden_size=hidden,
-                                                                            num_hidden_layers=L)), lo=1, hi=8 * layers)
-    mamba = MambaForCausalLM(MambaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=mamba_layers))
-    compiled = SpikeLMForCausalLM(spikelm.config)
-    compiled.load_state_dict(spikelm.state_dict())
-    compiled.compile_decoding()  # the same weights, decoding steps through torch.compile (Inductor)
-    return {"spikelm": spikelm.eval(), "spikelm_compiled": compiled.eval(), "mamba": mamba.eval(), "llama": llama.eval()}
+    models = {}
+    for name in names:
+        if name in SPIKELM_ROWS:
+            models[name] = spikelm_row(spikelm, name, args.sparse_mode)
+        elif name == "llama":
+            # widen the MLP until the size matches SpikeLM's within a few percent
+            size = _match(n, lambda m: _count(LlamaForCausalLM, LlamaConfig(
+                vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                intermediate_size=m, tie_word_embeddings=True)), lo=hidden, hi=16 * hidden)
+            models[name] = LlamaForCausalLM(LlamaConfig(
+                vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=heads, intermediate_size=size, max_position_embeddings=65536,
+                tie_word_embeddings=True)).eval()
+        elif name == "mamba":
+            depth = _match(n, lambda L: _count(MambaForCausalLM, MambaConfig(vocab_size=vocab, hidden_size=hidden,
+                                                                              num_hidden_layers=L)), lo=1, hi=8 * layers)
+            models[name] = MambaForCausalLM(MambaConfig(vocab_size=vocab, hidden_size=hidden,
+                                                        num_hidden_layers=depth)).eval()
+        else:
+            raise SystemExit(f"--models: unknown model {name!r} (known: {', '.join([*SPIKELM_ROWS, 'llama', 'mamba'])})")
+    return models, tokenizer
+
+
+def linear_weight_bytes(model) -> int:
+    """Bytes of every nn.Linear weight (a dense decoding step reads each once; tied weights counted once)."""
+    seen = {}
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            seen[id(m.weight)] = m.weight.numel() * m.weight.element_size()
+    return sum(seen.values())
 
 
 def _count(cls, config) -> int:
@@ -92,7 +161,7 @@ def decode(model, prompt: torch.Tensor, n_tokens: int, checkpoints: list[int]):
     out = model(prompt, use_cache=True)
     cache = out[CACHE_NAME]
     token = out.logits[:, -1:].argmax(-1)
-    latencies, cpu_times, marks = [], [], {}
+    latencies, cpu_times, marks, tokens = [], [], {}, []
     for i in range(1, n_tokens + 1):
         t0, c0 = time.perf_counter(), time.process_time()
         out = model(token, use_cache=True, **{CACHE_NAME: cache})
@@ -100,10 +169,20 @@ def decode(model, prompt: torch.Tensor, n_tokens: int, checkpoints: list[int]):
         token = out.logits[:, -1:].argmax(-1)
         latencies.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
+        tokens.append(int(token[0, 0]))
         if i in checkpoints:
             marks[i] = {"rss_mb": proc.memory_info().rss / 2**20, "cache_mb": _cache_bytes(cache) / 2**20,
                         "tokens_per_s": i / sum(latencies), "tokens_per_cpu_s": i / sum(cpu_times)}
-    return latencies, cpu_times, marks
+    return latencies, cpu_times, marks, tokens
+
+
+def make_prompt(args, tokenizer, vocab: int) -> torch.Tensor:
+    if args.prompt_file:
+        ids = tokenizer(open(args.prompt_file, encoding="utf-8").read(), add_special_tokens=False)["input_ids"]
+        if len(ids) < args.prompt_tokens:
+            raise SystemExit(f"--prompt-file {args.prompt_file}: {len(ids)} tokens, fewer than --prompt-tokens")
+        return torch.tensor(ids[: args.prompt_tokens])[None]
+    return torch.randint(0, vocab, (1, args.prompt_tokens))
 
 
 def main() -> None:
@@ -113,60 +192,111 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--window", type=int, default=512, help="SpikeLM attention window")
+    parser.add_argument("--config", default=None, help="SpikeLM shape from a train.py YAML (random weights)")
+    parser.add_argument("--model", default=None, help="a trained SpikeLM folder (save_pretrained) instead")
+    parser.add_argument("--prompt-file", default=None, help="text whose first --prompt-tokens tokens are the prompt "
+                                                            "(needs --model with its tokenizer); default: random ids")
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--sparse-mode", choices=("auto", "on"), default="auto",
+                        help="set_sparse_inference mode of the spikelm_sparse rows")
+    parser.add_argument("--density-tokens", type=int, default=256,
+                        help="decoding steps of the dense eager row that measure the spike density (bytes read)")
+    parser.add_argument("--warmup-tokens", type=int, default=None,
+                        help="untimed decoding steps before the timed run (default: the attention window + 32)")
     parser.add_argument("--models", default="spikelm,spikelm_compiled,mamba,llama")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="per-token time from process CPU time (robust on a shared machine) or wall time")
+    parser.add_argument("--note", default=None, help="free text stored in the JSON")
     parser.add_argument("--out", default=os.path.join(RESULTS, "bench_generation"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    checkpoints = [n for n in (1024, 2048, 4096, 8192, 16384, 32768) if n <= args.max_tokens]
-    models = build_models(args.vocab, args.hidden, args.layers, args.window)
-    prompt = torch.randint(0, args.vocab, (1, 16))
+    # each compiled SpikeLM row compiles the same decoding function again (and once more when KV caches grow)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    checkpoints = sorted({n for n in (1024, 2048, 4096, 8192, 16384, 32768) if n <= args.max_tokens} | {args.max_tokens})
+    names = args.models.split(",")
+    models, tokenizer = build_models(args, names)
+    spike_cfg = next((m.config for n, m in models.items() if n in SPIKELM_ROWS), None)
+    window = spike_cfg.attention_window if spike_cfg is not None and spike_cfg.attention_window else args.window
+    warmup = args.warmup_tokens if args.warmup_tokens is not None else window + 32
+    vocab = next(iter(models.values())).config.vocab_size
+    prompt = make_prompt(args, tokenizer, vocab)
     load_before = os.getloadavg()
-    results = {}
-    for name in args.models.split(","):
+    results, all_tokens, density = {}, {}, None
+    for name in names:
         model = models[name]
         params = sum(p.numel() for p in model.parameters())
         gc.collect()
+        extra = {}
+        if name == "spikelm":
+            with SpikeDensityMonitor(model) as monitor:  # eager and dense: the density these weights and prompt give
+                decode(model, prompt, args.density_tokens, [])
+            density = monitor.report()
         t0 = time.perf_counter()
-        # warm-up, not timed below: for the compiled model its compilations, the last of which comes
+        # warm-up, not timed below: for the compiled models their compilations, the last of which comes
         # when the attention blocks' KV caches reach the window
-        decode(model, prompt, args.window + 32, [])
+        decode(model, prompt, warmup, [])
         warmup_s = time.perf_counter() - t0
-        latencies, cpu_times, marks = decode(model, prompt, args.max_tokens, checkpoints)
+        with record_backends() as ran:
+            latencies, cpu_times, marks, tokens = decode(model, prompt, args.max_tokens, checkpoints)
         # on a shared machine wall time measures the neighbours too: with one thread, process CPU
         # time per token is the model's own cost
         series = cpu_times if args.clock == "cpu" else latencies
         first = sum(series[:1024]) / min(1024, len(series))
         last = sum(series[-1024:]) / min(1024, len(series))
-        results[name] = {"params": params, "warmup_s": warmup_s, "checkpoints": marks, "first_1k_ms": first * 1e3, "last_1k_ms": last * 1e3,
+        if name in SPIKELM_ROWS:
+            all_tokens[name] = tokens
+            extra["sparse_mode"] = model.lm_head.sparse_mode
+            extra["op_calls_per_token"] = {b: n / args.max_tokens for b, n in
+                                           collections.Counter(b for op, b in ran if op == "spike_linear").items()}
+            extra["weight_copies_mb"] = layouts_nbytes() / 2**20  # the sparse layouts of every row so far
+        else:
+            extra["weight_bytes_per_token"] = linear_weight_bytes(model)
+        results[name] = {"params": params, "warmup_s": warmup_s, "checkpoints": marks, "first_1k_ms": first * 1e3,
+                         "last_1k_ms": last * 1e3, **extra,
                          "latency_ms_per_1k": [sum(series[i:i + 1024]) / len(series[i:i + 1024]) * 1e3
                                                for i in range(0, len(series), 1024)]}
-        print(f"{name}: {params / 1e6:.1f}M params, first 1k {first * 1e3:.2f} ms/token, last 1k {last * 1e3:.2f} ms/token")
+        print(f"{name}: {params / 1e6:.1f}M params, first 1k {first * 1e3:.2f} ms/token, last 1k {last * 1e3:.2f} "
+              "ms/token", flush=True)
         del model
         models[name] = None
+    for name, tokens in all_tokens.items():
+        r = results[name]
+        if "spikelm" in all_tokens:
+            diverge = next((i for i, (a, b) in enumerate(zip(tokens, all_tokens["spikelm"])) if a != b), None)
+            r["same_tokens_as_dense_eager"], r["first_divergence"] = diverge is None, diverge
+        if density is not None:
+            key = {"off": "dense", "on": "sparse", "auto": "auto"}[r["sparse_mode"]]
+            r["weight_bytes_per_token"] = density["total"][f"{key}_bytes_per_token"]
 
     c0, cN = checkpoints[0], checkpoints[-1]
-    print(f"\n{'model':<17}{'params':>9}{'tok/s@1k':>10}{'tok/s@8k':>10}{'tok/s@end':>10}{'RSS growth':>12}"
-          f"{'cache@1k MB':>12}{'cache@end MB':>13}{'last/first 1k':>15}")
+    rate = "tokens_per_cpu_s" if args.clock == "cpu" else "tokens_per_s"
+    print(f"\n{'model':<24}{'params':>9}{'tok/s@' + str(c0):>12}{'tok/s@end':>10}{'MB read/token':>14}"
+          f"{'RSS growth':>12}{'cache@end MB':>13}{'same tokens':>12}")
     for name, r in results.items():
         m = r["checkpoints"]
         growth = (m[cN]["rss_mb"] - m[c0]["rss_mb"]) / m[c0]["rss_mb"] * 100
         r["rss_growth_pct"] = growth
         r["latency_ratio_last_first"] = r["last_1k_ms"] / r["first_1k_ms"]
-        rate = "tokens_per_cpu_s" if args.clock == "cpu" else "tokens_per_s"
-        at8k = m.get(8192, m[cN])[rate]
-        print(f"{name:<17}{r['params'] / 1e6:>8.1f}M{m[c0][rate]:>10.1f}{at8k:>10.1f}{m[cN][rate]:>10.1f}"
-              f"{growth:>11.2f}%{m[c0]['cache_mb']:>12.2f}{m[cN]['cache_mb']:>13.2f}{r['latency_ratio_last_first']:>15.2f}")
+        mb = r.get("weight_bytes_per_token")
+        same = r.get("same_tokens_as_dense_eager")
+        print(f"{name:<24}{r['params'] / 1e6:>8.1f}M{m[c0][rate]:>12.1f}{m[cN][rate]:>10.1f}"
+              f"{'-' if mb is None else f'{mb / 2**20:.1f}':>14}{growth:>11.2f}%{m[cN]['cache_mb']:>13.2f}"
+              f"{'-' if same is None else str(same):>12}")
+    if density is not None:
+        print(f"\nspike density of the spike-fed linears (dense eager, first {args.density_tokens} steps): "
+              f"{density['mean_density']:.3f} by inputs, {density['weight_weighted_density']:.3f} by weights")
 
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "args": vars(args)}
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "args": vars(args),
+            "weights": f"trained: {args.model}" if args.model else "random", "note": args.note,
+            "spike_density": density}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
+    with open(args.out + ".json.tmp", "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
+    os.replace(args.out + ".json.tmp", args.out + ".json")
     try:
         import matplotlib
 
@@ -175,8 +305,8 @@ def main() -> None:
 
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
         for name, r in results.items():
-            xs = [(i + 1) * 1024 for i in range(len(r["latency_ms_per_1k"]))]
-            ax1.plot(xs, r["latency_ms_per_1k"], label=name)
+            xs = [min((i + 1) * 1024, args.max_tokens) for i in range(len(r["latency_ms_per_1k"]))]
+            ax1.plot(xs, r["latency_ms_per_1k"], marker="o" if len(xs) < 4 else None, label=name)
             ax2.plot(checkpoints, [r["checkpoints"][c]["cache_mb"] for c in checkpoints], marker="o", label=name)
         ax1.set(xlabel="generated tokens", ylabel="ms / token (mean over 1k)", title="per-token latency")
         ax2.set(xlabel="generated tokens", ylabel="cache MB", title="generation cache size", xscale="log")

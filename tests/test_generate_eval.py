@@ -267,6 +267,22 @@ def test_generate_cli_smoke(model_dir):
     assert r.stdout.strip() and "Traceback" not in r.stderr
 
 
+def test_generate_sparse_flag(model_dir, capsys):
+    """--sparse on runs every spike-fed linear through the event-driven op; off never does."""
+    import generate
+    from spikelm.ops import record_backends
+
+    calls = {}
+    for mode in ("on", "off"):
+        with record_backends() as ran:
+            assert generate.main(["--model", str(model_dir), "--prompt", "the spiking", "--max_new_tokens", "8",
+                                  "--temperature", "0", "--ignore_eos", "--sparse", mode]) == 0
+        calls[mode] = sum(op == "spike_linear" for op, _ in ran)
+        out = capsys.readouterr()
+        assert out.out.strip() and f"sparse {mode}" in out.err
+    assert calls["on"] >= 8 * 17 and calls["off"] == 0  # 8 steps x (4 blocks x >= 4 linears + the LM head)
+
+
 def test_generate_interactive_keeps_state(model_dir, monkeypatch, capsys):
     import generate
 
@@ -312,6 +328,9 @@ def test_evaluate_ppl_and_spikes_in_process(model_dir, text_file, tmp_path, caps
     res = json.loads(capsys.readouterr().out)
     assert res["unfolding_check"]["argmax_agreement"] == 1.0 and res["tokens"] == 64
     assert res["energy"]["mac_pj"] == 4.6 and res["energy"]["ac_pj"] == 0.9 and png.stat().st_size > 1000
+    sparse = res["sparse_inference"]  # density and bytes of weights read per token of every spike-fed linear
+    assert "lm_head" in sparse["layers"] and 0 < sparse["mean_density"] < 1
+    assert 0 < sparse["total"]["sparse_bytes_per_token"] < sparse["total"]["dense_bytes_per_token"]
 
 
 def test_cli_not_a_model_folder(tmp_path):

@@ -6,6 +6,7 @@ from torch import nn
 from .context import SequenceContext
 from .neuron_layer import NeuronLayer
 from .op_counts import OpCount
+from .spike_linear import SpikeLinear
 
 
 class SpikingMLP(nn.Module):
@@ -14,10 +15,10 @@ class SpikingMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, neuron_kwargs: dict, eps: float):
         super().__init__()
         self.in_spikes = NeuronLayer(hidden_size, neuron_kwargs, eps)
-        self.fc1 = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.fc1 = SpikeLinear(hidden_size, intermediate_size, bias=False)
         self.fc1.feeds_neuron = True
         self.hidden_spikes = NeuronLayer(intermediate_size, neuron_kwargs, eps, normalize=False)
-        self.fc2 = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.fc2 = SpikeLinear(intermediate_size, hidden_size, bias=False)
 
     def op_counts(self, inputs) -> dict[str, OpCount]:
         """Energy accounting: no arithmetic of its own (its linears and neuron layers count theirs)."""

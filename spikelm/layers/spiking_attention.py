@@ -19,6 +19,7 @@ from .mlp import SpikingMLP
 from .neuron_layer import NeuronLayer
 from .op_counts import OpCount
 from .rotary import rotary_embedding
+from .spike_linear import SpikeLinear
 
 
 def windowed_causal_attention(q, k, v, key_valid, window, q_doc=None, k_doc=None, block_size: int = 1024,
@@ -70,9 +71,9 @@ class SpikingAttentionBlock(nn.Module):
         self.window = window
         self.rope_theta = rope_theta
         self.in_spikes = NeuronLayer(hidden_size, neuron_kwargs, eps)
-        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.q_proj = SpikeLinear(hidden_size, hidden_size, bias=False)
+        self.k_proj = SpikeLinear(hidden_size, hidden_size, bias=False)
+        self.v_proj = SpikeLinear(hidden_size, hidden_size, bias=False)
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             proj.feeds_neuron = True
         # inputs computed from spikes drive their neurons unnormalised (see NeuronLayer)
@@ -80,7 +81,7 @@ class SpikingAttentionBlock(nn.Module):
         self.k_spikes = NeuronLayer(hidden_size, neuron_kwargs, eps, normalize=False)
         self.v_spikes = NeuronLayer(hidden_size, neuron_kwargs, eps, normalize=False)
         self.o_spikes = NeuronLayer(hidden_size, neuron_kwargs, eps, normalize=False)
-        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.o_proj = SpikeLinear(hidden_size, hidden_size, bias=False)
         self.mlp = SpikingMLP(hidden_size, intermediate_size, neuron_kwargs, eps)
 
     def op_counts(self, inputs) -> dict[str, OpCount]:

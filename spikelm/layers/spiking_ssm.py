@@ -18,6 +18,7 @@ from .context import SequenceContext
 from .mlp import SpikingMLP
 from .neuron_layer import NeuronLayer
 from .op_counts import OpCount
+from .spike_linear import SpikeLinear
 
 
 class SpikingSSMBlock(nn.Module):
@@ -25,12 +26,12 @@ class SpikingSSMBlock(nn.Module):
         super().__init__()
         inner = ssm_expand * hidden_size
         self.in_spikes = NeuronLayer(hidden_size, neuron_kwargs, eps)
-        self.in_proj = nn.Linear(hidden_size, 2 * inner, bias=False)
+        self.in_proj = SpikeLinear(hidden_size, 2 * inner, bias=False)
         self.in_proj.feeds_neuron = True
         self.core = NeuronLayer(inner, neuron_kwargs, eps, normalize=False)
         gate_kwargs = dict(neuron_kwargs, spike_mode="binary", surrogate="atan")
         self.gate = NeuronLayer(inner, gate_kwargs, eps, normalize=False)
-        self.out_proj = nn.Linear(inner, hidden_size, bias=False)
+        self.out_proj = SpikeLinear(inner, hidden_size, bias=False)
         self.mlp = SpikingMLP(hidden_size, intermediate_size, neuron_kwargs, eps)
 
     def op_counts(self, inputs) -> dict[str, OpCount]:

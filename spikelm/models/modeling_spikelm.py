@@ -20,7 +20,8 @@ from transformers import initialization as init
 from transformers.generation.utils import ALL_CACHE_NAMES
 from transformers.utils import ModelOutput, logging
 
-from ..layers import NeuronLayer, RMSNorm, SequenceContext, SpikingAttentionBlock, SpikingSSMBlock
+from ..layers import (NeuronLayer, RMSNorm, SequenceContext, SpikeLinear, SpikingAttentionBlock, SpikingSSMBlock,
+                      set_sparse_mode)
 from ..neurons import DSN, PSN, SlidingPSN
 from .cache import SpikeLMCache
 from .configuration_spikelm import SpikeLMConfig
@@ -418,7 +419,7 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
     def __init__(self, config: SpikeLMConfig):
         super().__init__(config)
         self.model = SpikeLMModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = SpikeLinear(config.hidden_size, config.vocab_size, bias=False)  # reads the final spikes
         self.post_init()
 
     def get_input_embeddings(self):
@@ -436,6 +437,21 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
     def compile_decoding(self, **compile_kwargs) -> None:
         """torch.compile the one-token decoding steps (see SpikeLMModel.compile_decoding)."""
         self.model.compile_decoding(**compile_kwargs)
+
+    def set_sparse_inference(self, mode: str = "auto", int8: bool = False) -> None:
+        """How every spike-fed linear layer (the blocks' projections and the LM head) multiplies in CPU inference.
+
+        "auto" (the default): the event-driven product (ops.spike_linear: only the weights of the inputs
+        that fired are read) on decoding steps, per call, when the input's measured density is at most the
+        layer's crossover; "on": always that product (CPU, no gradient); "off": always dense F.linear.
+        Training, gradients and GPUs are always dense. The products agree to float32 rounding, so greedy
+        decoding gives the same tokens in every mode unless a spike or an argmax sits on a rounding tie.
+        int8=True: the event-driven product reads int8 weights with one scale per output feature (a
+        quantised copy: perplexity changes slightly; see docs/sparse-inference.md). generate(),
+        StreamingGenerator and the compiled decoding step follow the mode set here (a change recompiles
+        the step once).
+        """
+        set_sparse_mode(self, mode, int8)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cu_seqlens=None, inputs_embeds=None,
                 labels=None, use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep=0,

@@ -1,0 +1,88 @@
+"""SpikeLinear: an nn.Linear fed by integer spikes, which decodes through the event-driven op when that pays.
+
+Same parameters and state-dict keys as nn.Linear (a saved model loads unchanged), the same dense
+F.linear for training, prefill and anything with a gradient. In inference on CPU with few rows (a
+decoding step), its `sparse_mode` picks the product:
+
+- "off": dense F.linear always.
+- "on": ops.spike_linear always (sparse, whatever the density).
+- "auto" (default): ops.spike_linear with this layer's crossover density, so each call measures the
+  density of its own input and runs sparse below the crossover, dense above. The crossover comes
+  from a cost model measured on this project's CPU (benchmarks/bench_spike_linear.py): dense costs
+  DENSE_US + in x out x DENSE_NS_PER_WEIGHT, sparse SPARSE_US + fired x out x SPARSE_NS_PER_WEIGHT.
+  A layer so small that the sparse call's fixed cost outweighs reading all its weights never takes
+  the sparse path (and the op is then not even called).
+
+`sparse_int8` (False by default) makes the sparse path read int8 weights with one scale per output
+feature (ops.spike_linear's int8 layout); the dense path stays in the weights' own dtype.
+
+SpikeLMForCausalLM.set_sparse_inference(mode) sets the mode of every SpikeLinear of a model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.spike_linear import spike_linear
+
+SPARSE_MODES = ("auto", "on", "off")
+# "auto" takes the sparse path for at most this many rows (batch x tokens): decoding steps, not prefill
+AUTO_MAX_ROWS = 16
+# The cost model behind "auto": Theil-Sen fits of one-thread float32 batch-1 calls on this project's 2-core EPYC VM,
+# weights in cache (benchmarks/bench_spike_linear.py, results/bench_spike_linear.json, "float32/hot/1"; measured at
+# load 10-13, which inflates the fixed costs). Per weight read the two products cost about the same (the sparse
+# walk reads whole contiguous rows), so large layers are sparse at any density and small ones, whose dense
+# product costs less than the sparse call's fixed cost, never.
+DENSE_US = 0.0
+DENSE_NS_PER_WEIGHT = 0.227
+SPARSE_US = 22.7
+SPARSE_NS_PER_WEIGHT = 0.189
+
+
+def crossover_density(in_features: int, out_features: int) -> float:
+    """The input density below which the sparse product beats the dense one for this shape (0: never)."""
+    dense_us = DENSE_US + in_features * out_features * DENSE_NS_PER_WEIGHT * 1e-3
+    return max(0.0, min(1.0, (dense_us - SPARSE_US) / (in_features * out_features * SPARSE_NS_PER_WEIGHT * 1e-3)))
+
+
+def check_sparse_mode(mode) -> str:
+    if mode not in SPARSE_MODES:
+        raise ValueError(f"sparse inference mode must be one of {', '.join(map(repr, SPARSE_MODES))}, got {mode!r}")
+    return mode
+
+
+class SpikeLinear(nn.Linear):
+    """nn.Linear whose input is integer spikes 0..N: the sparse op in CPU inference where it pays (see module doc)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.sparse_mode = "auto"
+        self.sparse_int8 = False
+        self.crossover = crossover_density(in_features, out_features)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sparse_mode={self.sparse_mode}" + (", int8" if self.sparse_int8 else "")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.sparse_mode
+        if mode != "off" and x.device.type == "cpu" and not (
+                torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            if mode == "on":
+                return spike_linear(x, self.weight, self.bias, 1.0, self.sparse_int8)
+            if self.crossover > 0 and x.numel() <= AUTO_MAX_ROWS * self.in_features:
+                return spike_linear(x, self.weight, self.bias, self.crossover, self.sparse_int8)
+        return F.linear(x, self.weight, self.bias)
+
+
+def set_sparse_mode(module: nn.Module, mode: str, int8: bool = False) -> int:
+    """Set sparse_mode (and sparse_int8) on every SpikeLinear inside module; returns how many there are."""
+    check_sparse_mode(mode)
+    if not isinstance(int8, bool):
+        raise ValueError(f"int8 must be True or False, got {int8!r}")
+    n = 0
+    for m in module.modules():
+        if isinstance(m, SpikeLinear):
+            m.sparse_mode, m.sparse_int8 = mode, int8
+            n += 1
+    return n
