@@ -420,3 +420,101 @@ def test_accepted_optimizer_flags_build_adamw_and_scheduler(tmp_path_factory, lr
         opt.step()
         scheduler.step()
     assert all(math.isfinite(lr) for lr in scheduler.get_last_lr())
+
+
+# -- long streams in bfloat16 --------------------------------------------------------------------------
+from spikelm import StreamingGenerator  # noqa: E402
+from spikelm.models import CACHE_NAME  # noqa: E402
+from spikelm.models.cache import named_state_tensors  # noqa: E402
+
+
+def _state_dtypes(cache) -> dict[str, torch.dtype]:
+    """dtype per kind of state tensor over every layer: {"core.membrane": float32, "kv_k": bfloat16, ...}."""
+    out = {}
+    for i, state in enumerate([*cache.layers, cache.final]):
+        for path, t in named_state_tensors(state):
+            out.setdefault(path, set()).add(t.dtype)
+    return {k: v.pop() if len(v) == 1 else v for k, v in out.items()}
+
+
+def _is_membrane(path: str, neuron: str) -> bool:
+    last = path.rsplit(".", 1)[-1]
+    return last == "membrane" if neuron == "dsn" else (neuron == "lif" and not path.startswith("kv_"))
+
+
+@pytest.fixture(scope="module")
+def bf16_dirs(tmp_path_factory):
+    """Small saved models (DSN and LIF, an SSM and an attention block) to load in bfloat16 and float32."""
+    dirs = {}
+    for neuron in ("dsn", "lif"):
+        torch.manual_seed(0)
+        cfg = SpikeLMConfig(vocab_size=300, hidden_size=16, num_hidden_layers=2, block_types=["ssm", "attention"],
+                            num_attention_heads=2, attention_window=4, ssm_expand=2, mlp_ratio=2, neuron_type=neuron,
+                            eos_token_id=0)
+        d = tmp_path_factory.mktemp(f"bf16_{neuron}")
+        SpikeLMForCausalLM(cfg).save_pretrained(d)
+        dirs[neuron] = d
+    return dirs
+
+
+def _load(d, dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("neuron", ["dsn", "lif"])
+def test_bf16_stream_keeps_float32_membranes_and_finite_logits(bf16_dirs, neuron):
+    """A bf16 model streams far past its attention window: logits stay finite, membranes stay float32,
+    the state stays the same size, and the drift against the float32 model does not grow."""
+    n, bucket = (480, 160) if neuron == "dsn" else (160, 80)
+    m16, m32 = _load(bf16_dirs[neuron], torch.bfloat16), _load(bf16_dirs[neuron], torch.float32)
+    assert {p.dtype for p in m16.parameters()} == {torch.bfloat16}
+    gen = StreamingGenerator(m16, None, temperature=1.0, seed=0, stop_at_eos=False)
+    prompt = torch.arange(1, 9)
+    gen.feed_ids(prompt)
+    stream, tokens, logits16, sizes = gen.generate(None), [], [], set()
+    for i in range(n):
+        tokens.append(next(stream))
+        assert gen.logits.dtype == torch.bfloat16 and torch.isfinite(gen.logits).all(), i
+        logits16.append(gen.logits.float())
+        if i % bucket == bucket - 1:
+            sizes.add(gen.state_nbytes())
+            dtypes = _state_dtypes(gen.cache)
+            membranes = [p for p in dtypes if _is_membrane(p, neuron)]
+            assert membranes and all(dtypes[p] == torch.float32 for p in membranes), dtypes
+            # the rest (conv histories, keys/values) holds model-dtype values, stored as they were computed
+            assert all(dtypes[p] in (torch.bfloat16, torch.bool) for p in dtypes if p not in membranes), dtypes
+    assert len(sizes) == 1  # constant state
+    # the float32 model's logits for the same tokens, teacher-forced (parallel chunks equal its serial steps)
+    with torch.no_grad():
+        out = m32(prompt[None], use_cache=True)
+        cache, parts, fed = out[CACHE_NAME], [], torch.tensor(tokens)
+        for a in range(0, n, 64):
+            o = m32(fed[None, a:a + 64], use_cache=True, **{CACHE_NAME: cache})
+            cache = o[CACHE_NAME]
+            parts.append(o.logits[0].float())
+    l32, l16 = torch.cat(parts), torch.stack(logits16)
+    diff = [float((l16[a:a + bucket] - l32[a:a + bucket]).abs().mean()) for a in range(0, n, bucket)]
+    agree = [float((l16[a:a + bucket].argmax(-1) == l32[a:a + bucket].argmax(-1)).float().mean())
+             for a in range(0, n, bucket)]
+    assert max(diff) < 1.5 * diff[0] + 1e-3, diff  # bounded drift: no growth along the stream
+    assert min(agree) > 0.3, agree
+
+
+def test_bf16_generate_matches_the_stream(bf16_dirs):
+    """transformers' generate() on the bf16 model: finite logits at every step, float32 membranes in the
+    returned cache, and the same greedy tokens as StreamingGenerator."""
+    m16 = _load(bf16_dirs["dsn"], torch.bfloat16)
+    prompt = torch.arange(1, 9)[None]
+    n = 96
+    out = m16.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True,
+                       return_dict_in_generate=True)
+    assert out.sequences.shape[1] == 8 + n
+    assert all(torch.isfinite(step).all() for step in out.logits)
+    cache = out[CACHE_NAME] if CACHE_NAME in out else out.past_key_values
+    dtypes = _state_dtypes(cache)
+    assert all(dtypes[p] == torch.float32 for p in dtypes if p.endswith("membrane")) and "core.membrane" in dtypes
+    gen = StreamingGenerator(m16, None, temperature=0, stop_at_eos=False)
+    gen.feed_ids(prompt[0])
+    assert list(gen.generate(n)) == out.sequences[0, 8:].tolist()

@@ -62,3 +62,18 @@ class SpikeLMCache:
 
     def __repr__(self) -> str:
         return f"SpikeLMCache(layers={len(self.layers)}, length={self.length}, bytes={self.nbytes()})"
+
+
+def named_state_tensors(state: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """(dotted path, tensor) for every tensor of a nested state: "mlp.in.membrane", "kv_k", ..."""
+    if state is None:
+        return []
+    if isinstance(state, torch.Tensor):
+        return [(prefix, state)]
+    if isinstance(state, dict):
+        items = state.items()
+    elif isinstance(state, tuple) and hasattr(state, "_fields"):
+        items = zip(state._fields, state)
+    else:
+        raise TypeError(f"SpikeLMCache: cannot handle a state of type {type(state).__name__}")
+    return [pair for k, v in items for pair in named_state_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
