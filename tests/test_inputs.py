@@ -431,8 +431,8 @@ from spikelm.models.cache import named_state_tensors  # noqa: E402
 def _state_dtypes(cache) -> dict[str, torch.dtype]:
     """dtype per kind of state tensor over every layer: {"core.membrane": float32, "kv_k": bfloat16, ...}."""
     out = {}
-    for i, state in enumerate([*cache.layers, cache.final]):
-        for path, t in named_state_tensors(state):
+    for prefix, state in [*(("", s) for s in cache.layers), ("final", cache.final)]:
+        for path, t in named_state_tensors(state, prefix):
             out.setdefault(path, set()).add(t.dtype)
     return {k: v.pop() if len(v) == 1 else v for k, v in out.items()}
 
