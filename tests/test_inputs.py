@@ -518,3 +518,182 @@ def test_bf16_generate_matches_the_stream(bf16_dirs):
     gen = StreamingGenerator(m16, None, temperature=0, stop_at_eos=False)
     gen.feed_ids(prompt[0])
     assert list(gen.generate(n)) == out.sequences[0, 8:].tolist()
+
+
+# -- generate.py / evaluate.py inputs, models by folder or Hub id --------------------------------------
+from spikelm.data import train_bpe_tokenizer  # noqa: E402
+from spikelm.eval.loading import UserError, load_model  # noqa: E402
+
+CLI_TEXT = ["the spiking neuron fires when its membrane crosses the threshold. " * 3,
+            "a language model predicts the next token from the ones before it. " * 3] * 20
+
+
+@pytest.fixture(scope="module")
+def cli_tokenizer():
+    return train_bpe_tokenizer(CLI_TEXT, vocab_size=300)
+
+
+def _save_model(d: Path, tokenizer, **overrides) -> Path:
+    torch.manual_seed(0)
+    cfg = SpikeLMConfig(**{"vocab_size": len(tokenizer), "hidden_size": 16, "num_hidden_layers": 2,
+                           "block_types": ["ssm", "attention"], "num_attention_heads": 2, "attention_window": 6,
+                           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                           **overrides})
+    SpikeLMForCausalLM(cfg).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    (d / "run_config.json").write_text(json.dumps({"identity": {"block_size": 16}}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory, cli_tokenizer):
+    return _save_model(tmp_path_factory.mktemp("cli_model"), cli_tokenizer)
+
+
+BAD_TEXT_FILES = [
+    ("binary.bin", bytes(range(256)), "not a text file (a NUL byte on line 1"),
+    ("utf16.txt", "the spiking neuron\n".encode("utf-16"), "not a text file (a NUL byte on line 1"),
+    ("latin1.txt", "the spiking\nneuron caf\u00e9\n".encode("latin-1"), "not UTF-8 text (byte 0xe9 at offset 22, line 2"),
+]
+
+
+@pytest.mark.parametrize("name,content,message", BAD_TEXT_FILES)
+def test_prompt_and_text_files_that_are_not_text(cli_model, tmp_path, capsys, name, content, message):
+    import evaluate
+    import generate
+
+    f = _write(tmp_path / name, content)
+    assert generate.main(["--model", str(cli_model), "--prompt_file", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert f"--prompt_file {f}: {message}" in err and "Traceback" not in err
+    assert evaluate.main(["ppl", "--model", str(cli_model), "--text_file", str(f)]) == 2
+    assert f"--text_file {f}: {message}" in capsys.readouterr().err
+
+
+def test_prompt_file_that_is_a_folder_or_unreadable(cli_model, tmp_path, capsys, monkeypatch):
+    import generate
+
+    assert generate.main(["--model", str(cli_model), "--prompt_file", str(tmp_path)]) == 2
+    assert "is a folder, not a file" in capsys.readouterr().err
+    f = _write(tmp_path / "secret.txt", "the spiking neuron")
+    real = Path.read_bytes
+
+    def deny(self):
+        if self == f:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", deny)
+    assert generate.main(["--model", str(cli_model), "--prompt_file", str(f)]) == 2
+    assert f"--prompt_file {f}: cannot read it (Permission denied)" in capsys.readouterr().err
+
+
+def test_tokenizer_that_does_not_match_the_model(cli_model, cli_tokenizer, tmp_path, capsys):
+    import evaluate
+    import generate
+
+    bigger = train_bpe_tokenizer(CLI_TEXT + ["other words entirely, more merges to learn " * 5], vocab_size=400)
+    assert len(bigger) > len(cli_tokenizer)
+    d = _save_model(tmp_path / "vocab", cli_tokenizer)
+    bigger.save_pretrained(d)  # another tokenizer over the model's
+    with pytest.raises(UserError, match=rf"the tokenizer has {len(bigger)} tokens but the model's vocabulary is "
+                                        rf"{len(cli_tokenizer)}: ids >= {len(cli_tokenizer)} would be out of range"):
+        load_model(d)
+    assert generate.main(["--model", str(d), "--prompt", "the spiking"]) == 2
+    assert "not the tokenizer the model was trained with" in capsys.readouterr().err
+    e = _save_model(tmp_path / "eos", cli_tokenizer, eos_token_id=7)
+    assert evaluate.main(["ppl", "--model", str(e), "--text_file", str(_write(tmp_path / "t.txt", CLI_TEXT[0]))]) == 2
+    assert f"the tokenizer's EOS token is id {cli_tokenizer.eos_token_id} but the model's is 7" in capsys.readouterr().err
+    from transformers import PreTrainedTokenizerFast
+
+    no_eos = PreTrainedTokenizerFast(tokenizer_object=cli_tokenizer.backend_tokenizer)
+    n = _save_model(tmp_path / "no_eos", cli_tokenizer)
+    no_eos.save_pretrained(n)
+    with pytest.raises(UserError, match="the tokenizer has no EOS token but the model ends texts with token id"):
+        load_model(n)
+    model, tok = load_model(cli_model)  # the matching pair loads
+    assert len(tok) == model.config.vocab_size
+
+
+def test_stream_refuses_token_ids_outside_the_vocabulary(cli_model):
+    model, tok = load_model(cli_model)
+    gen = StreamingGenerator(model, tok, temperature=0)
+    gen.feed_ids([1, 2, 3])
+    before = gen.logits.clone()
+    with pytest.raises(ValueError, match=rf"feed_ids: token id {len(tok)} at position 2 is outside the vocabulary "
+                                         rf"\[0, {len(tok)}\)"):
+        gen.feed_ids([4, 5, len(tok), 6])
+    with pytest.raises(ValueError, match=r"token id -1 at position 0"):
+        gen.feed_ids([-1])
+    with pytest.raises(TypeError, match="integer token ids"):
+        gen.feed_ids([1.5])
+    assert gen.tokens_seen == 3 and torch.equal(gen.logits, before)  # nothing was fed
+
+
+def _hub_cache(root: Path, repo_id: str, folder: Path, commit: str = "0" * 40) -> None:
+    """A Hugging Face cache holding folder as repo_id's main revision (the layout huggingface_hub writes)."""
+    repo = root / "hub" / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+HUB_DRIVER = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import evaluate, generate
+from spikelm.eval.loading import UserError, load_model, training_length
+repo, text = sys.argv[2], sys.argv[3]
+model, tok = load_model(repo)
+print("LOADED", type(model).__name__, len(tok), training_length(repo))
+print("GENERATE", generate.main(["--model", repo, "--prompt", "the spiking", "--max_new_tokens", "5",
+                                 "--temperature", "0", "--ignore_eos", "--device", "cpu"]))
+print("EVALUATE", evaluate.main(["ppl", "--model", repo, "--text_file", text]))
+for name, rev in [("someone/not-cached", None), (repo, "v2"), ("runs/missing-folder", None)]:
+    try:
+        load_model(name, revision=rev)
+    except UserError as e:
+        print("ERROR", e)
+"""
+
+
+def test_cli_models_by_hub_id_from_the_local_cache(cli_model, tmp_path):
+    """A Hub id resolves through the HF cache as from_pretrained does (offline: the test never touches the network)."""
+    hf_home = tmp_path / "hf"
+    _hub_cache(hf_home, "someone/spikelm-tiny", cli_model)
+    text = _write(tmp_path / "t.txt", " ".join(CLI_TEXT[:4]) * 2)
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("HF_HUB_CACHE", None)
+    r = subprocess.run([sys.executable, "-c", HUB_DRIVER, str(ROOT), "someone/spikelm-tiny", str(text)],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "LOADED SpikeLMForCausalLM 300 16" in lines  # run_config.json read from the cached repo too
+    assert "GENERATE 0" in lines and "EVALUATE 0" in lines
+    ppl = json.loads(r.stdout[r.stdout.index("{"):r.stdout.rindex("}") + 1])
+    assert ppl["context"] == 16 and ppl["meta"]["model"] == "someone/spikelm-tiny"
+    errors = [line for line in lines if line.startswith("ERROR")]
+    assert len(errors) == 3, r.stdout
+    assert "someone/not-cached: no such folder, and no config.json for the Hub model 'someone/not-cached' in the " \
+           "Hugging Face cache" in errors[0] and "HF_HUB_OFFLINE is set" in errors[0]
+    assert "Hub model 'someone/spikelm-tiny' at revision 'v2' in the Hugging Face cache" in errors[1]
+    assert "runs/missing-folder: no such folder" in errors[2]
+
+
+def test_hub_error_names_the_model_and_the_cause(monkeypatch):
+    import transformers.utils
+    from huggingface_hub import constants
+
+    def refuse(name, filename, **kwargs):
+        raise OSError(f"{name} is not a local folder and is not a valid model identifier listed on "
+                      "'https://huggingface.co/models'")
+
+    monkeypatch.setattr(transformers.utils, "cached_file", refuse)  # nothing reaches the network
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(UserError, match=r"--model someone/nothing-here: no such folder, and the Hub model "
+                                        r"'someone/nothing-here' at revision 'dev' could not be loaded: someone/nothing"
+                                        r"-here is not a local folder and is not a valid model identifier"):
+        load_model("someone/nothing-here", revision="dev")
+    with pytest.raises(UserError, match=r"--model /no/such/folder: no such folder$"):
+        load_model("/no/such/folder")
