@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -39,13 +40,11 @@ def rss_mib() -> float:
 
 
 def state_dtypes(cache) -> dict[str, str]:
-    """dtype per kind of state tensor over every layer ("core.membrane", "kv_k", ...)."""
-    from spikelm.models.cache import named_state_tensors
-
+    """dtype per kind of state tensor over every layer ("core.membrane", "final.membrane", "kv_k", ...)."""
     out: dict[str, set] = {}
-    for prefix, state in [*(("", s) for s in cache.layers), ("final", cache.final)]:
-        for path, t in named_state_tensors(state, prefix):
-            out.setdefault(path, set()).add(str(t.dtype).replace("torch.", ""))
+    for name, t in cache.state_dict()[0].items():  # "layers.3.core.membrane", "final.membrane", "positions"
+        if name != "positions":
+            out.setdefault(re.sub(r"^layers\.\d+\.", "", name), set()).add(str(t.dtype).replace("torch.", ""))
     return {k: "/".join(sorted(v)) for k, v in sorted(out.items())}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -425,15 +426,14 @@ def test_accepted_optimizer_flags_build_adamw_and_scheduler(tmp_path_factory, lr
 # -- long streams in bfloat16 --------------------------------------------------------------------------
 from spikelm import StreamingGenerator  # noqa: E402
 from spikelm.models import CACHE_NAME  # noqa: E402
-from spikelm.models.cache import named_state_tensors  # noqa: E402
 
 
 def _state_dtypes(cache) -> dict[str, torch.dtype]:
     """dtype per kind of state tensor over every layer: {"core.membrane": float32, "kv_k": bfloat16, ...}."""
     out = {}
-    for prefix, state in [*(("", s) for s in cache.layers), ("final", cache.final)]:
-        for path, t in named_state_tensors(state, prefix):
-            out.setdefault(path, set()).add(t.dtype)
+    for name, t in cache.state_dict()[0].items():  # "layers.3.core.membrane", "final.membrane", "positions"
+        if name != "positions":
+            out.setdefault(re.sub(r"^layers\.\d+\.", "", name), set()).add(t.dtype)
     return {k: v.pop() if len(v) == 1 else v for k, v in out.items()}
 
 

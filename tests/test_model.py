@@ -187,7 +187,7 @@ def test_cache_is_constant_size():
 def _tensors(cache):
     from spikelm.models.cache import _tensors as t
 
-    return [x for layer in cache.layers for x in t(layer)]
+    return [x for layer in cache.layers for x in t(layer.state)]
 
 
 def test_states_float32_with_bf16_weights():
@@ -195,7 +195,7 @@ def test_states_float32_with_bf16_weights():
     ids = torch.randint(1, 97, (1, 5))
     with torch.no_grad():
         cache = model(ids, use_cache=True)[CACHE_NAME]
-    membrane = cache.layers[0]["core"].membrane
+    membrane = cache.layers[0].state["core"].membrane
     assert membrane.dtype == torch.float32
 
 
@@ -372,7 +372,7 @@ def test_bad_inputs():
         model(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="attention_mask must have shape"):
         model(torch.ones(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 3))
-    with pytest.raises(ValueError, match="left-padded"):
+    with pytest.raises(ValueError, match="padding between tokens"):
         model(torch.ones(1, 4, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 0, 1]]))
     with pytest.raises(ValueError, match="input_ids must have shape"):
         model(torch.ones(5, dtype=torch.long))

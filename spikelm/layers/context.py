@@ -16,6 +16,8 @@ class SequenceContext:
     doc_ids: [B, T] long document index per position (packed mode), for attention masking.
     spike_totals: when a list, every neuron layer appends (sum of its spikes, its neuron-steps), for the
         firing loss (SpikeLMConfig.firing_loss_coef); None records nothing.
+    attention: how attention blocks compute softmax attention: "sdpa" (F.scaled_dot_product_attention) or
+        "eager" (explicit matmul + softmax); the same numbers to rounding.
     """
 
     valid: torch.Tensor | None
@@ -23,6 +25,7 @@ class SequenceContext:
     cu_seqlens: torch.Tensor | None = None
     doc_ids: torch.Tensor | None = None
     spike_totals: list | None = None
+    attention: str = "sdpa"
 
     def mask_input(self, x: torch.Tensor) -> torch.Tensor:
         """Zero the padded positions of a neuron's input: a fresh neuron fed zeros stays fresh."""

@@ -20,13 +20,15 @@ from .neuron_layer import NeuronLayer
 from .rotary import rotary_embedding
 
 
-def windowed_causal_attention(q, k, v, key_valid, window, q_doc=None, k_doc=None, block_size: int = 1024):
+def windowed_causal_attention(q, k, v, key_valid, window, q_doc=None, k_doc=None, block_size: int = 1024,
+                              sdpa: bool = True):
     """Softmax attention of the last Tq keys' queries: q [B, H, Tq, hd], k/v [B, H, Tk, hd] with Tk >= Tq.
 
     Query i sits at key index Tk - Tq + i and sees key j iff j <= i, i - j < window (if a window),
     key_valid[b, j] (False = padding) and the same document (packed mode). Queries are processed in
     blocks so memory stays O(block x (block + window)). A query always sees itself, so a padded
-    query gets a finite (ignored) output instead of NaN.
+    query gets a finite (ignored) output instead of NaN. sdpa=False computes every block as explicit
+    matmul + softmax in float32 (one-token blocks always are: cheaper than SDPA's per-call overhead on CPU).
     """
     B, H, Tq, hd = q.shape
     Tk = k.shape[2]
@@ -49,7 +51,7 @@ def windowed_causal_attention(q, k, v, key_valid, window, q_doc=None, k_doc=None
             allowed = allowed & (q_doc[:, a:b, None] == k_doc[:, None, lo:hi])
         allowed = allowed | (qi == kj)[None]
         qb, kb, vb = q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi]
-        if b - a == 1:  # decoding one token: plain matmuls beat SDPA's per-call overhead on CPU
+        if b - a == 1 or not sdpa:
             scores = (qb.float() @ kb.float().transpose(-1, -2)) * hd**-0.5
             scores = scores.masked_fill(~allowed[:, None], float("-inf"))
             out[:, :, a:b] = (scores.softmax(-1) @ vb.float()).to(q.dtype)
@@ -101,7 +103,8 @@ class SpikingAttentionBlock(nn.Module):
             valid_all = torch.cat([state["kv_valid"], valid], dim=1)
         else:
             k_all, v_all, valid_all = k, v, valid
-        attn = windowed_causal_attention(q, k_all, v_all, valid_all, self.window, ctx.doc_ids, ctx.doc_ids)
+        attn = windowed_causal_attention(q, k_all, v_all, valid_all, self.window, ctx.doc_ids, ctx.doc_ids,
+                                         sdpa=ctx.attention != "eager")
         attn = attn.transpose(1, 2).reshape(B, T, D)
         o, st_o = self.o_spikes(attn, ctx, state.get("o"), return_state)
         x = x + self.o_proj(o)

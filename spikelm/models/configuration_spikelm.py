@@ -39,6 +39,10 @@ class SpikeLMConfig(PreTrainedConfig):
         tie_word_embeddings: the LM head shares the embedding matrix.
         initializer_range: std of the normal init of linear and embedding weights.
         use_cache: return the O(1) generation cache by default.
+        max_position_embeddings: the longest input tools should assume (lm-evaluation-harness, pipelines
+            read it). SpikeLM has no positional limit: rotary positions, the DSN state and a windowed
+            attention run at any length, and streaming (generate, StreamingGenerator) keeps O(1) memory;
+            only one parallel forward's activations grow with its length. Default 2^20.
         firing_loss_coef: weight of the firing loss added to the training loss (0: none): the mean
             spike count per neuron per step over every neuron layer, i.e. the binary spike events
             an integer spike S unfolds into (S events), which is what synaptic operations and the
@@ -59,7 +63,8 @@ class SpikeLMConfig(PreTrainedConfig):
                  ssm_expand: int = 2, mlp_ratio: int = 4, intermediate_size: int | None = None,
                  num_attention_heads: int = 8, attention_window: int | None = 2048, rope_theta: float = 10000.0,
                  rms_norm_eps: float = 1e-5, tie_word_embeddings: bool = True, initializer_range: float = 0.02,
-                 use_cache: bool = True, firing_loss_coef: float = 0.0, firing_loss_target: float = 0.0,
+                 use_cache: bool = True, max_position_embeddings: int = 1 << 20, firing_loss_coef: float = 0.0,
+                 firing_loss_target: float = 0.0,
                  pad_token_id: int | None = None,
                  bos_token_id: int | None = None, eos_token_id: int | None = None, **kwargs):
         self.vocab_size = vocab_size
@@ -86,6 +91,7 @@ class SpikeLMConfig(PreTrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        self.max_position_embeddings = max_position_embeddings
         self.firing_loss_coef = firing_loss_coef
         self.firing_loss_target = firing_loss_target
         super().__init__(tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id,
@@ -118,7 +124,7 @@ class SpikeLMConfig(PreTrainedConfig):
                 raise TypeError(f"SpikeLMConfig.{name} must be true or false, got {getattr(self, name)!r}")
 
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "kernel_size", "max_spike", "psn_T",
-                     "sliding_psn_k", "ssm_expand", "mlp_ratio", "num_attention_heads"):
+                     "sliding_psn_k", "ssm_expand", "mlp_ratio", "num_attention_heads", "max_position_embeddings"):
             positive_int(name)
         if self.intermediate_size is None:
             self.intermediate_size = self.mlp_ratio * self.hidden_size

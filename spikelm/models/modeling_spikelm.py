@@ -16,16 +16,18 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.generation.utils import ALL_CACHE_NAMES
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from ..layers import NeuronLayer, RMSNorm, SequenceContext, SpikingAttentionBlock, SpikingSSMBlock
 from ..neurons import DSN, PSN, SlidingPSN
 from .cache import SpikeLMCache
 from .configuration_spikelm import SpikeLMConfig
+from .remote_code import AUTO_MAP, in_package, write_remote_code
+
+logger = logging.get_logger(__name__)
 
 # transformers renamed the generation cache kwarg from `past_key_values` to `cache` (after 5.17)
 CACHE_NAME = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
-_CACHE_ALIASES = ("cache", "past_key_values", "cache_params")
 
 
 def _output_class(name: str, fields: list[str]) -> type:
@@ -38,10 +40,39 @@ SpikeLMCausalLMOutput = _output_class("SpikeLMCausalLMOutput",
                                       ["loss", "logits", CACHE_NAME, "hidden_states", "firing_loss"])
 
 
-def _pop_cache(kwargs: dict):
-    found = [kwargs.pop(name) for name in _CACHE_ALIASES if name in kwargs]
-    found = [c for c in found if c is not None]
-    return found[0] if found else None
+def _rotate(x: torch.Tensor, shift: torch.Tensor, back: bool = False) -> torch.Tensor:
+    """Rotate each row of x [B, T, ...] right by shift[b] positions along T (back=True undoes it)."""
+    T = x.shape[1]
+    idx = torch.arange(T, device=x.device)[None, :] + (shift[:, None] if back else -shift[:, None])
+    idx = idx.remainder(T)
+    return x.gather(1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand_as(x))
+
+
+# forward kwargs that Hugging Face code passes and that change nothing here
+_IGNORED_KWARGS = ("cache_position", "num_items_in_batch", "token_type_ids", "output_attentions", "use_return_dict")
+
+
+def _check_kwargs(kwargs: dict, config) -> None:
+    """Refuse what the model cannot honour; drop the standard kwargs that do not apply; warn once about the rest."""
+    wants_attentions = kwargs.get("output_attentions")
+    if wants_attentions is None:
+        wants_attentions = getattr(config, "output_attentions", False)
+    if wants_attentions:
+        raise ValueError("output_attentions=True: SpikeLM cannot return attention weights (its attention blocks run "
+                         "windowed attention over spike trains without materialising them); call it with "
+                         "output_attentions=False")
+    for name in _IGNORED_KWARGS:
+        kwargs.pop(name, None)
+    if kwargs:
+        logger.warning_once(f"SpikeLM ignores the forward arguments {sorted(kwargs)}")
+        kwargs.clear()
+
+
+def _one_cache(cache, past_key_values):
+    """The cache under either of its names (`cache` in transformers after 5.17, `past_key_values` before)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the generation cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
 
 
 class SpikeLMPreTrainedModel(PreTrainedModel):
@@ -50,6 +81,21 @@ class SpikeLMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["SpikingSSMBlock", "SpikingAttentionBlock"]
     _is_stateful = True
+    # attention blocks run the same windowed attention either way: "sdpa" through
+    # F.scaled_dot_product_attention, "eager" as explicit matmul + softmax
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        """save_pretrained, plus what `trust_remote_code=True` needs to load the folder without spikelm installed:
+        `auto_map` in config.json and the modeling code (generated from the package; see models/remote_code.py)."""
+        if in_package():
+            self.config.auto_map = dict(AUTO_MAP)
+        out = super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if in_package() and is_main_process:
+            write_remote_code(save_directory)
+        return out
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -158,6 +204,12 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         ctx.spike_totals.extend(zip(spikes.unbind(), [steps for _, steps in inner.spike_totals]))
         return hidden, new_state
 
+    def _attention_implementation(self) -> str:
+        impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
+        if impl not in ("eager", "sdpa"):
+            raise ValueError(f"attn_implementation={impl!r}: SpikeLM's attention blocks run 'eager' or 'sdpa'")
+        return impl
+
     def get_input_embeddings(self):
         return self.embed_tokens
 
@@ -201,25 +253,54 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         return cu, positions[None], doc_ids[None]
 
     @staticmethod
-    def _valid_mask(attention_mask, B: int, T: int):
+    def _padding(attention_mask, B: int, T: int, cache, need_state: bool):
+        """The chunk's padding: (valid [B, T] bool or None when every position is a token, shift [B] or None).
+
+        A row's tokens may be padded on either side. Outputs at token positions never depend on padding:
+        padded inputs are zeroed, which leaves a fresh neuron fresh, and attention never reads a padded
+        key. When the state after the chunk is needed (use_cache), a row with padding after its tokens is
+        rotated so the padding comes first (shift = its trailing padding): the state then ends at its last
+        token, and the outputs are rotated back.
+        """
         if attention_mask is None:
-            return None
+            return None, None
         if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
             raise ValueError(f"attention_mask must have shape [batch={B}, seq_len={T}] (or cover the cached tokens "
                              f"too), got {tuple(attention_mask.shape)}")
-        full = attention_mask.bool()
-        if (full[:, 1:].int() < full[:, :-1].int()).any():
-            raise ValueError("attention_mask must be left-padded (zeros, then ones, in every row): padding after a "
-                             "token or in the middle of a row is not supported")
-        # a row still in its left padding keeps a fresh state: padded inputs are zeroed, which is exact
-        valid = full[:, -T:]
-        return None if valid.all() else valid
+        chunk = attention_mask[:, -T:].bool()
+        if bool(chunk.all()):
+            return None, None
+        edges = chunk[:, 1:].int() - chunk[:, :-1].int()
+        runs = (edges == 1).sum(1) + chunk[:, 0].int()  # starts of runs of tokens
+        if bool((runs > 1).any()):
+            row = int((runs > 1).nonzero()[0])
+            raise ValueError(f"attention_mask row {row} has padding between tokens: a row's tokens must be one contiguous "
+                             "run, padded before and/or after it")
+        if cache is not None and cache.positions is not None:
+            resumed = (cache.positions.to(chunk.device) > 0) & ~chunk.all(1)
+            if bool(resumed.any()):
+                raise ValueError(f"attention_mask pads row {int(resumed.nonzero()[0])}, which continues a cache: padding "
+                                 "is only allowed before a row's first token and after its last one in the same call "
+                                 "(feed a continued row's new tokens without padding)")
+        shift = None
+        if need_state:
+            last = torch.where(chunk, torch.arange(T, device=chunk.device), -1).max(1).values
+            trailing = torch.where(last >= 0, T - 1 - last, 0)
+            if bool(trailing.any()):
+                shift = trailing
+                chunk = _rotate(chunk, shift)
+        return chunk, shift
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cu_seqlens=None, inputs_embeds=None,
-                use_cache=None, output_hidden_states=None, return_dict=None, **kwargs):
-        cache = _pop_cache(kwargs)
-        kwargs.pop("cache_position", None)
+                use_cache=None, output_hidden_states=None, return_dict=None, cache=None, past_key_values=None,
+                **kwargs):
+        cache = _one_cache(cache, past_key_values)
+        _check_kwargs(kwargs, self.config)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if return_dict is None:
+            return_dict = self.config.return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -240,32 +321,38 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         if cache is not None and not self.supports_cache:
             raise ValueError("a PSN model keeps no generation state: call it without a cache")
 
+        shift = None
         if packed:
             if cache is not None:
                 raise ValueError("packed documents (cu_seqlens / position_ids restarting at 0) cannot continue a cache")
             if attention_mask is not None and not attention_mask.bool().all():
                 raise ValueError("packed documents take no padding: attention_mask must be all ones")
             cu, positions, doc_ids = self._packed_layout(B, T, position_ids, cu_seqlens, inputs_embeds.device)
-            ctx = SequenceContext(valid=None, positions=positions, cu_seqlens=cu, doc_ids=doc_ids)
+            ctx = SequenceContext(valid=None, positions=positions, cu_seqlens=cu, doc_ids=doc_ids,
+                                  attention=self._attention_implementation())
             hidden = inputs_embeds.reshape(1, B * T, -1)
             use_cache = False
         else:
             if use_cache and cache is None:
-                cache = SpikeLMCache(len(self.layers))
-            valid = self._valid_mask(attention_mask, B, T)
-            if self.config.neuron_type == "psn" and valid is not None:
-                raise ValueError("a PSN model cannot take left padding: PSN weights are tied to absolute time steps")
+                cache = SpikeLMCache(self.config)
+            valid, shift = self._padding(attention_mask, B, T, cache, use_cache)
+            if self.config.neuron_type == "psn" and valid is not None and bool((valid[:, 1:] > valid[:, :-1]).any()):
+                raise ValueError("a PSN model cannot take padding before a row's tokens: PSN weights are tied to "
+                                 "absolute time steps (pad on the right instead)")
             if cache is not None and cache.positions is not None and cache.batch_size != B:
                 raise ValueError(f"the cache holds {cache.batch_size} rows but the input has batch size {B}")
             start = cache.positions if cache is not None and cache.positions is not None else \
                 torch.zeros(B, dtype=torch.long, device=inputs_embeds.device)
+            if shift is not None:
+                inputs_embeds = _rotate(inputs_embeds, shift)
+                position_ids = None if position_ids is None else _rotate(position_ids, shift)
             if position_ids is not None:
                 positions = position_ids.to(torch.long)
             elif valid is None:
                 positions = start[:, None] + torch.arange(T, device=inputs_embeds.device)
             else:
                 positions = start[:, None] + (valid.long().cumsum(1) - 1).clamp(min=0)
-            ctx = SequenceContext(valid=valid, positions=positions)
+            ctx = SequenceContext(valid=valid, positions=positions, attention=self._attention_implementation())
             hidden = inputs_embeds
         if self.config.firing_loss_coef > 0 and self.training and torch.is_grad_enabled():
             ctx.spike_totals = []
@@ -273,18 +360,21 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         all_hidden = [] if output_hidden_states else None
         if (self._compiled_decode is not None and T == 1 and cache is not None and use_cache
                 and all_hidden is None and not torch.is_grad_enabled()):
-            hidden, cache.layers, spikes, final_state = self._compiled_decode(hidden, ctx, list(cache.layers), cache.final)
+            hidden, states, spikes, final_state = self._compiled_decode(hidden, ctx, [l.state for l in cache.layers],
+                                                                        cache.final)
+            for layer_cache, state in zip(cache.layers, states):
+                layer_cache.state = state
         else:
             for i, layer in enumerate(self.layers):
                 if all_hidden is not None:
                     all_hidden.append(hidden.reshape(B, T, -1))
-                state = cache.layers[i] if cache is not None else None
+                state = cache.layers[i].state if cache is not None else None
                 if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                     hidden, new_state = self._checkpointed(layer, hidden, ctx, state, use_cache)
                 else:
                     hidden, new_state = layer(hidden, ctx, state, use_cache)
                 if use_cache:
-                    cache.layers[i] = new_state
+                    cache.layers[i].state = new_state
             spikes, final_state = self.final_spikes(hidden, ctx, cache.final if use_cache else None, use_cache)
         if use_cache:
             cache.final = final_state
@@ -295,6 +385,9 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
             hidden, spikes = hidden.reshape(B, T, -1), spikes.reshape(B, T, -1)
         if all_hidden is not None:
             all_hidden.append(hidden.reshape(B, T, -1))
+        if shift is not None:  # rows rotated for their state: back to the caller's layout
+            spikes = _rotate(spikes, shift, back=True)
+            all_hidden = None if all_hidden is None else [_rotate(h, shift, back=True) for h in all_hidden]
         out = SpikeLMModelOutput(last_hidden_state=spikes, hidden_states=tuple(all_hidden) if all_hidden else None)
         if ctx.spike_totals:
             out["firing_loss"] = self._firing_loss(ctx.spike_totals)
@@ -331,14 +424,14 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
         self.model.compile_decoding(**compile_kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cu_seqlens=None, inputs_embeds=None,
-                labels=None, use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep=0, **kwargs):
+                labels=None, use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep=0,
+                cache=None, past_key_values=None, **kwargs):
         """Causal LM forward. labels [B, T] are shifted inside (position t predicts token t+1); -100 is ignored,
         and so are padded positions. logits_to_keep=n keeps the logits of the last n positions only."""
-        cache = _pop_cache(kwargs)
-        kwargs.pop("cache_position", None)
-        kwargs.pop("num_items_in_batch", None)
-        if kwargs:
-            raise TypeError(f"SpikeLMForCausalLM.forward got unexpected arguments: {sorted(kwargs)}")
+        cache = _one_cache(cache, past_key_values)
+        _check_kwargs(kwargs, self.config)
+        if return_dict is None:
+            return_dict = self.config.return_dict
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cu_seqlens=cu_seqlens, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states, return_dict=True, **{CACHE_NAME: cache})
@@ -366,13 +459,13 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
         return result if return_dict is not False else result.to_tuple()
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None, use_cache=True,
-                                      **kwargs):
+                                      cache=None, past_key_values=None, **kwargs):
         """Only the tokens the cache has not seen go through the model: the whole prompt once (in parallel),
         then one new token per step."""
-        cache = _pop_cache(kwargs)
+        cache = _one_cache(cache, past_key_values)
         use_cache = bool(use_cache) and self.model.supports_cache
         if use_cache and cache is None:
-            cache = SpikeLMCache(len(self.model.layers))
+            cache = SpikeLMCache(self.config)
         inputs = {}
         if use_cache and cache.length > 0:
             # generate() keeps the prompt embeds out of input_ids, so slice by the ids already consumed

@@ -83,7 +83,14 @@ class CLibrary:
         self._error: str | None = None
 
     def source(self) -> bytes:
-        return self._source.read_bytes() if isinstance(self._source, Path) else self._source()
+        if not isinstance(self._source, Path):
+            return self._source()
+        if self._source.is_file():
+            return self._source.read_bytes()
+        # a saved model's folder (trust_remote_code) carries no csrc/: its bundle embeds the sources
+        from .csrc_sources import SOURCES  # noqa: PLC0415 - only written into such folders
+
+        return SOURCES[self._source.name].encode()
 
     def load(self) -> ctypes.CDLL | None:
         if self._lib is not None or self._error is not None:

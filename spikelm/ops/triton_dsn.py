@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from . import triton_scan as _ts
 from .decay import LOG_DECAY_FLOOR, log_decay as _log_decay
+from .registry import op_name
 from .scan import check_cu_seqlens, scan
 from .spike import quantize_spikes
 from .torch_scan import chunked_scan_forward
@@ -144,7 +145,7 @@ def _triton_fused_backward(grad_s, grad_last, logit, x, h0, cu_seqlens, tau, max
 # ----------------------------------------------------------------------------------------------
 # custom ops: sequence forward (+ its backward op) and the in-place decode step
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("spikelm::dsn_fused", mutates_args=())
+@torch.library.custom_op(op_name("dsn_fused"), mutates_args=())
 def _dsn_fused_op(logit: torch.Tensor, x: torch.Tensor, h0: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
                   tau: float, max_spike: int, chunk_len: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
     if _use_triton(x):
@@ -158,7 +159,7 @@ def _(logit, x, h0, cu_seqlens, tau, max_spike, chunk_len):
     return torch.empty_like(x), x.new_empty(n, x.shape[-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("spikelm::dsn_fused_backward", mutates_args=())
+@torch.library.custom_op(op_name("dsn_fused_backward"), mutates_args=())
 def _dsn_fused_backward_op(grad_s: torch.Tensor, grad_last: torch.Tensor, logit: torch.Tensor, x: torch.Tensor,
                            h0: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], tau: float, max_spike: int,
                            chunk_len: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -290,7 +291,7 @@ def dsn_step_torch_(x, conv_state, membrane, weight, bias, tau: float, max_spike
     return torch.floor(h + 0.5).clamp_(0, max_spike).to(x.dtype)
 
 
-@torch.library.custom_op("spikelm::dsn_step_", mutates_args=("conv_state", "membrane"))
+@torch.library.custom_op(op_name("dsn_step_"), mutates_args=("conv_state", "membrane"))
 def _dsn_step_op(x: torch.Tensor, conv_state: torch.Tensor, membrane: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor, tau: float, max_spike: int) -> torch.Tensor:
     if not _use_triton(x):
