@@ -255,7 +255,8 @@ BAD_POSITIVE_FLOAT = st.one_of(NOT_A_NUMBER, st.floats(max_value=0), st.integers
 BAD_CHOICE = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=6), st.lists(st.text(max_size=2), max_size=2))
 INVALID = {
     **{f: BAD_POSITIVE_INT for f in ("vocab_size", "hidden_size", "num_hidden_layers", "kernel_size", "max_spike",
-                                     "psn_T", "sliding_psn_k", "ssm_expand", "mlp_ratio", "num_attention_heads")},
+                                     "psn_T", "sliding_psn_k", "ssm_expand", "mlp_ratio", "num_attention_heads",
+                                     "max_position_embeddings")},
     "intermediate_size": st.one_of(st.booleans(), st.floats(), st.text(max_size=3), st.integers(max_value=0)),
     **{f: BAD_POSITIVE_FLOAT for f in ("tau", "rms_norm_eps", "initializer_range")},
     "tau": st.one_of(BAD_POSITIVE_FLOAT, st.floats(1e4, 1e300), st.floats(1e-300, 1e-18)),  # alpha**tau rounds to 0 or 1
