@@ -7,6 +7,8 @@ transformers 5.17 (cache kwarg `past_key_values`) and later 5.x (`cache`).
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from dataclasses import field, make_dataclass, replace
 from typing import Any
 
@@ -22,6 +24,7 @@ from ..layers import NeuronLayer, RMSNorm, SequenceContext, SpikingAttentionBloc
 from ..neurons import DSN, PSN, SlidingPSN
 from .cache import SpikeLMCache
 from .configuration_spikelm import SpikeLMConfig
+from .model_card import model_card
 from .remote_code import AUTO_MAP, in_package, write_remote_code
 
 logger = logging.get_logger(__name__)
@@ -88,13 +91,20 @@ class SpikeLMPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
 
     def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
-        """save_pretrained, plus what `trust_remote_code=True` needs to load the folder without spikelm installed:
-        `auto_map` in config.json and the modeling code (generated from the package; see models/remote_code.py)."""
+        """save_pretrained, plus what `trust_remote_code=True` needs to load the folder without spikelm installed
+        (`auto_map` in config.json and the modeling code, generated from the package: models/remote_code.py) and a
+        model card (README.md) unless the folder has one."""
         if in_package():
             self.config.auto_map = dict(AUTO_MAP)
         out = super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
-        if in_package() and is_main_process:
-            write_remote_code(save_directory)
+        if is_main_process:
+            if in_package():
+                write_remote_code(save_directory)
+            card = Path(save_directory) / "README.md"
+            if not card.exists():  # train.py writes a fuller card (data, tokens seen, validation) over it
+                tmp = card.with_name(".README.md.tmp")
+                tmp.write_text(model_card(self.config, self.num_parameters()), encoding="utf-8")
+                os.replace(tmp, card)
         return out
 
     @classmethod

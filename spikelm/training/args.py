@@ -91,7 +91,8 @@ class TrainArgs:
     warmup_steps: int = _h("linear warmup steps", 0)
     max_steps: int = _h("optimizer steps; -1: num_train_epochs decides", -1)
     num_train_epochs: float = _h("epochs over the packed training blocks when max_steps is -1", 1.0)
-    mixed_precision: str = _h("no, bf16 or fp16 (autocast; weights stay float32)", "no")
+    mixed_precision: str | None = _h("no, bf16 or fp16 (autocast; weights stay float32); unset: what `accelerate "
+                                     "launch` (or its config) says, else no", None)
     gradient_checkpointing: bool = _h("recompute activations in backward", False)
     max_consecutive_nonfinite: int = _h("abort after this many steps in a row with a non-finite loss or gradient", 10)
     seed: int = _h("seed of the model init and the data order", 42)
@@ -106,7 +107,9 @@ class TrainArgs:
     save_total_limit: int | None = _h("keep at most this many checkpoints (oldest removed)", None, "run")
     eval_steps: int | None = _h("evaluate every this many steps (0/None: only at the end)", 500, "run")
     logging_steps: int = _h("log every this many steps", 10, "run")
-    report_to: str = _h("none, csv (output_dir/logs/*.csv) or tensorboard (output_dir/logs/)", "csv", "run")
+    report_to: str = _h("comma list of csv (output_dir/logs/*.csv) and accelerate trackers: tensorboard "
+                        "(output_dir/logs/), wandb (offline with WANDB_MODE=offline), trackio, mlflow, comet_ml, aim, "
+                        "clearml, dvclive, swanlab; or none, or all (csv + every installed tracker)", "csv", "run")
     disable_tqdm: bool = _h("no progress bar", False, "run")
     sample_prompt: str | None = _h("after training, print a sample continuing this prompt", None, "run")
     sample_max_new_tokens: int = _h("tokens of that sample", 60, "run")
@@ -274,6 +277,21 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     return args
 
 
+REPORT_TO = ("csv", "tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
+
+
+def report_to_list(value) -> list[str]:
+    """--report_to as a list of backends: a comma list of REPORT_TO names, "none" or "all"."""
+    names = [n.strip() for n in str(value).split(",") if n.strip()]
+    if names in (["none"], ["all"]):
+        return names
+    bad = [n for n in names if n not in REPORT_TO]
+    if not names or bad:
+        raise ConfigError(f"--report_to: unknown backend {bad[0] if bad else value!r}; give a comma list of "
+                          f"{', '.join(REPORT_TO)}, or none, or all")
+    return list(dict.fromkeys(names))
+
+
 def validate(a: TrainArgs) -> None:
     def need(cond, msg):
         if not cond:
@@ -287,10 +305,9 @@ def validate(a: TrainArgs) -> None:
     for k in ("save_steps", "warmup_steps", "sample_max_new_tokens"):
         need(getattr(a, k) >= 0, f"--{k} must be >= 0, got {getattr(a, k)}")
     need(a.block_size >= 2, f"--block_size must be >= 2, got {a.block_size}")
-    need(a.mixed_precision in ("no", "bf16", "fp16"), f"--mixed_precision must be no, bf16 or fp16, got "
-                                                      f"{a.mixed_precision!r}")
-    need(a.report_to in ("none", "csv", "tensorboard"), f"--report_to must be none, csv or tensorboard, got "
-                                                        f"{a.report_to!r}")
+    need(a.mixed_precision in (None, "no", "bf16", "fp16"), f"--mixed_precision must be no, bf16 or fp16, got "
+                                                            f"{a.mixed_precision!r}")
+    report_to_list(a.report_to)
     need(math.isfinite(a.learning_rate) and a.learning_rate > 0, f"--learning_rate must be > 0, got {a.learning_rate}")
     for k in ("weight_decay", "adam_epsilon", "max_grad_norm"):
         v = getattr(a, k)
