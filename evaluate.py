@@ -23,7 +23,9 @@ from pathlib import Path
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="folder written by save_pretrained (model + tokenizer)")
+    p.add_argument("--model", required=True,
+                   help="folder written by save_pretrained (model + tokenizer), or a Hub model id (as from_pretrained)")
+    p.add_argument("--revision", default=None, help="Hub model: branch, tag or commit (default: main)")
     p.add_argument("--text_file", required=True, help="UTF-8 text, read as one token stream")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda if available)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (auto: as saved)")
@@ -111,7 +113,7 @@ def cmd_ppl(args, model, tokenizer) -> dict:
     from spikelm.eval.loading import UserError, training_length
 
     ids = _tokens(tokenizer, args.text, args.max_tokens)
-    context = args.context if args.context is not None else (training_length(args.model) or 512)
+    context = args.context if args.context is not None else (training_length(args.model, args.revision) or 512)
     if context < 0:
         raise UserError(f"--context must be >= 0, got {context}")
     if context == 1:
@@ -139,7 +141,7 @@ def cmd_position(args, model, tokenizer) -> dict:
     from spikelm.eval import evaluate_by_position, split_windows
     from spikelm.eval.loading import UserError, training_length
 
-    train_len = args.train_len or training_length(args.model)
+    train_len = args.train_len or training_length(args.model, args.revision)
     if not train_len:
         raise UserError("--train_len is needed: the model folder does not record its training block size "
                         "(no run_config.json with block_size)")
@@ -211,7 +213,7 @@ def main(argv=None) -> int:
         if args.max_tokens is not None and args.max_tokens < 2:
             raise UserError(f"--max_tokens must be >= 2, got {args.max_tokens}")
         args.text = read_text_file(args.text_file)
-        model, tokenizer = load_model(args.model, args.device, args.dtype)
+        model, tokenizer = load_model(args.model, args.device, args.dtype, revision=args.revision)
         device = next(model.parameters()).device
         result = {"ppl": cmd_ppl, "position": cmd_position, "spikes": cmd_spikes}[args.command](args, model, tokenizer)
     except UserError as e:

@@ -22,7 +22,9 @@ import time
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="folder written by save_pretrained (model + tokenizer)")
+    p.add_argument("--model", required=True,
+                   help="folder written by save_pretrained (model + tokenizer), or a Hub model id (as from_pretrained)")
+    p.add_argument("--revision", default=None, help="Hub model: branch, tag or commit (default: main)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt_file", help="file holding the prompt (UTF-8)")
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
             raise UserError("give --prompt TEXT or --prompt_file FILE (or --interactive)")
         if prompt is not None and not prompt.strip() and not args.interactive:
             raise UserError("the prompt is empty: give at least one character of text")
-        model, tokenizer = load_model(args.model, args.device, args.dtype)
+        model, tokenizer = load_model(args.model, args.device, args.dtype, revision=args.revision)
         if not model.model.supports_cache:
             raise UserError(f"--model {args.model}: a PSN model keeps no state between tokens, so it cannot "
                             "stream in constant memory (use model.generate() from Python)")

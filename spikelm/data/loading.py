@@ -1,21 +1,29 @@
 """Raw text datasets: local .txt / .jsonl / .parquet files (files, globs, folders) or a `datasets` dataset.
 
-Every problem with the inputs (a missing path, a glob that matches nothing, an empty file, a
-file type we cannot read, a missing text column, a split without text) is a DataError that names
-the path or the key, raised before anything is written anywhere.
+Every problem with the inputs (a missing path, a glob that matches nothing, an empty or
+unreadable file, a file type we cannot read, a file that is not UTF-8 text or holds binary data,
+a JSON line that does not parse, a missing text column, a split without text) is a DataError that
+names the path or the key (and the line), raised before anything is written anywhere: every file
+is checked (check_data_files) before `datasets` reads it.
 """
 from __future__ import annotations
 
 import glob as _glob
+import json
+import logging
 import os
 import re
 from pathlib import Path
 
 import datasets
 
+logger = logging.getLogger(__name__)
+
 # file extension -> datasets' packaged builder
 BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SAMPLE_BY = ("line", "paragraph", "document")
+# how bytes that are not UTF-8 are handled in text files: an error naming the file and line, or U+FFFD
+DECODE_ERRORS = ("strict", "replace")
 
 
 class DataError(ValueError):
@@ -42,7 +50,9 @@ def resolve_data_files(spec, what: str = "train_file") -> list[str]:
                 raise DataError(f"--{what}: the glob {item!r} matches no file")
             files += matched
         elif os.path.isdir(item):
-            found = sorted(str(p) for p in Path(item).rglob("*") if p.is_file() and p.suffix.lower() in BUILDERS)
+            # hidden files and folders (.git, .ipynb_checkpoints, ...) are not data
+            found = sorted(str(p) for p in Path(item).rglob("*") if p.is_file() and p.suffix.lower() in BUILDERS
+                           and not any(part.startswith(".") for part in p.relative_to(item).parts))
             if not found:
                 raise DataError(f"--{what}: the folder {item!r} holds no {'/'.join(sorted(BUILDERS))} file")
             files += found
@@ -67,17 +77,205 @@ def _builder(files: list[str]) -> str:
     return BUILDERS[Path(files[0]).suffix.lower()]
 
 
-def _load_files(files: list[str], split: str, streaming: bool, sample_by: str, cache_dir):
+def _open(path: str, what: str):
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise DataError(f"--{what}: cannot read {path!r}: {e.strerror or e}") from None
+
+
+def _char_boundary(data: bytes) -> int:
+    """The end of the last whole UTF-8 character of data (a multi-byte character cut at the end stays out)."""
+    for j in range(len(data) - 1, max(len(data) - 4, 0) - 1, -1):
+        lead = data[j]
+        if lead & 0xC0 != 0x80:  # not a continuation byte: ASCII, or the lead byte of a sequence
+            size = 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4 if lead >> 3 == 0b11110 else 1
+            return j if j + size > len(data) else len(data)
+    return len(data)
+
+
+def _check_utf8(path: str, what: str, decode_errors: str = "strict", json_file: bool = False) -> int:
+    """Raise a DataError at the first NUL byte or (strict) non-UTF-8 byte, naming the line and byte offset;
+    returns how many byte sequences are not UTF-8 (decode_errors="replace" reads them as U+FFFD)."""
+    replaced = lines_before = offset = 0
+    rest = b""
+    with _open(path, what) as f:
+        while True:
+            block = f.read(1 << 22)
+            data = rest + block
+            cut = _char_boundary(data) if block else len(data)
+            piece, rest = data[:cut], data[cut:]
+            nul = piece.find(b"\0")
+            if nul >= 0:
+                lineno = lines_before + piece.count(b"\n", 0, nul) + 1
+                raise DataError(f"--{what}: {path!r} is not a text file: line {lineno} holds a NUL byte "
+                                "(binary data, or text in UTF-16/UTF-32: convert it to UTF-8)")
+            try:
+                piece.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if decode_errors != "replace" or json_file:
+                    lineno = lines_before + piece.count(b"\n", 0, e.start) + 1
+                    fix = ("JSON must be UTF-8: re-encode the file (decode_errors='replace' applies to text files "
+                           "only)" if json_file else "re-encode it as UTF-8, e.g. `iconv -f LATIN1 -t UTF-8 IN > "
+                           "OUT`, or load it with decode_errors='replace' to read such bytes as U+FFFD")
+                    raise DataError(f"--{what}: {path!r} is not UTF-8 text: line {lineno} (byte offset "
+                                    f"{offset + e.start}, 0x{piece[e.start]:02x}): {e.reason}; {fix}") from None
+                replaced += piece.decode("utf-8", "replace").count("\ufffd") - piece.count("\ufffd".encode())
+            lines_before += piece.count(b"\n")
+            offset += len(piece)
+            if not block:
+                return replaced
+
+
+def _check_text_file(path: str, what: str, decode_errors: str) -> None:
+    replaced = _check_utf8(path, what, decode_errors)
+    if replaced:
+        logger.warning("%s: %d byte sequence(s) that are not UTF-8 read as U+FFFD (decode_errors='replace')",
+                       path, replaced)
+
+
+def _check_record(record, path: str, where: str, text_column: str, what: str) -> bool:
+    """A JSON record must be an object; its text_column, if present, a string or null. True if present."""
+    if not isinstance(record, dict):
+        raise DataError(f"--{what}: {path!r}, {where}: a record must be a JSON object, got {type(record).__name__}")
+    if text_column not in record:
+        return False
+    value = record[text_column]
+    if value is not None and not isinstance(value, str):
+        raise DataError(f"--{what}: {path!r}, {where}: {text_column!r} must be a string, got "
+                        f"{type(value).__name__} {json.dumps(value)[:40]}")
+    return True
+
+
+def _no_text_column(path: str, text_column: str, what: str, keys) -> DataError:
+    return DataError(f"--{what}: {path!r}: no record has the key {text_column!r} (keys: {sorted(keys)[:10]}); "
+                     "set --text_column to the key holding the text")
+
+
+def _json_lines_look_fine(path: str, text_column: str) -> bool:
+    """Fast path (pyarrow, as `datasets` reads them): every line parses and text_column is a string column."""
+    import pyarrow as pa
+    import pyarrow.json as paj
+
+    try:
+        for batch in paj.open_json(path):
+            if text_column not in batch.schema.names:
+                return False
+            tp = batch.schema.field(text_column).type
+            if not (pa.types.is_string(tp) or pa.types.is_large_string(tp) or pa.types.is_null(tp)):
+                return False
+    except (pa.ArrowException, OSError):
+        return False
+    return True
+
+
+def _check_json_lines(path: str, text_column: str, what: str) -> None:
+    """JSON lines: the pyarrow fast path, else a line-by-line scan that names the first bad line."""
+    _check_utf8(path, what, json_file=True)
+    if _json_lines_look_fine(path, text_column):
+        return
+    found, keys = False, set()
+    with _open(path, what) as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.decode("utf-8")
+            if not line.strip():
+                continue  # `datasets` skips blank lines too
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"--{what}: {path!r}, line {lineno}, column {e.colno}: not valid JSON ({e.msg})") from None
+            found |= _check_record(record, path, f"line {lineno}", text_column, what)
+            keys.update(record)
+    if not found:
+        raise _no_text_column(path, text_column, what, keys)
+    # otherwise a difference pyarrow alone minds (e.g. another column's type changing): `datasets` copes
+
+
+def _check_json_file(path: str, text_column: str, what: str) -> None:
+    """.json: one JSON document (a list of records, or one record), or JSON lines."""
+    _check_utf8(path, what, json_file=True)
+    with _open(path, what) as f:
+        data = f.read()
+    try:
+        doc = json.loads(data)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # several values: JSON lines in a .json file
+            return _check_json_lines(path, text_column, what)
+        raise DataError(f"--{what}: {path!r}, line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})") from None
+    if isinstance(doc, dict):
+        doc = [doc]
+    if not isinstance(doc, list):
+        raise DataError(f"--{what}: {path!r}: expected a list of records (or JSON lines), got {type(doc).__name__}")
+    found = [_check_record(record, path, f"record {i}", text_column, what) for i, record in enumerate(doc)]
+    if not any(found):
+        raise _no_text_column(path, text_column, what, {k for r in doc for k in r})
+
+
+def _check_parquet_file(path: str, text_column: str, what: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _open(path, what).close()
+    try:
+        meta = pq.ParquetFile(path).metadata
+        schema = meta.schema.to_arrow_schema()
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"--{what}: {path!r} is not a readable Parquet file ({e})") from None
+    if text_column not in schema.names:
+        raise DataError(f"--{what}: {path!r}: no column {text_column!r} (columns: {schema.names[:20]}); "
+                        "set --text_column")
+    tp = schema.field(text_column).type
+    if pa.types.is_dictionary(tp):
+        tp = tp.value_type
+    if not (pa.types.is_string(tp) or pa.types.is_large_string(tp) or pa.types.is_string_view(tp)):
+        raise DataError(f"--{what}: {path!r}: column {text_column!r} holds {tp}, not text")
+    if meta.num_rows == 0:
+        raise DataError(f"--{what}: {path!r} holds no rows")
+
+
+def check_data_files(files: list[str], text_column: str = "text", decode_errors: str = "strict",
+                     what: str = "train_file") -> None:
+    """Read every file once and raise a DataError naming the first problem (file, line, key or column).
+
+    Text files must be UTF-8 (decode_errors="replace" reads other bytes as U+FFFD, with a warning)
+    and hold no NUL byte (binary data, UTF-16 text); JSON files must be UTF-8 and parse (line by
+    line for JSON lines), every record an object whose `text_column` is a string or null (a record
+    without it holds no text, as in `datasets`), and some record must have it; Parquet files must
+    have a string column `text_column`.
+    """
+    if decode_errors not in DECODE_ERRORS:
+        raise DataError(f"decode_errors must be one of {DECODE_ERRORS}, got {decode_errors!r}")
+    for path in files:
+        ext = Path(path).suffix.lower()
+        if BUILDERS[ext] == "text":
+            _check_text_file(path, what, decode_errors)
+        elif ext == ".jsonl":
+            _check_json_lines(path, text_column, what)
+        elif ext == ".json":
+            _check_json_file(path, text_column, what)
+        else:
+            _check_parquet_file(path, text_column, what)
+
+
+def _load_files(files: list[str], split: str, streaming: bool, sample_by: str, cache_dir, text_column: str,
+                decode_errors: str, what: str):
+    check_data_files(files, text_column, decode_errors, what)
     builder = _builder(files)
-    kwargs = {"sample_by": sample_by} if builder == "text" else {}
-    return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming,
-                                 cache_dir=cache_dir, **kwargs)
+    kwargs = {"sample_by": sample_by, "encoding_errors": decode_errors} if builder == "text" else {}
+    try:
+        return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming,
+                                     cache_dir=cache_dir, **kwargs)
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as e:  # what the checks above did not foresee
+        cause = e.__cause__ or e
+        raise DataError(f"--{what}: `datasets` could not read {files if len(files) > 1 else files[0]!r}: "
+                        f"{type(cause).__name__}: {cause}") from e
 
 
 def load_raw_datasets(train_file=None, validation_file=None, dataset_name=None, dataset_config_name=None,
                       text_column: str = "text", sample_by: str = "paragraph", validation_split_percentage: float = 5,
                       streaming: bool = False, streaming_validation_documents: int = 200, seed: int = 42,
-                      cache_dir=None, document_start_pattern: str | None = None) -> dict:
+                      cache_dir=None, document_start_pattern: str | None = None,
+                      decode_errors: str = "strict") -> dict:
     """{"train": dataset, "validation": dataset or None}, each with the text in `text_column`.
 
     document_start_pattern: rows are documents unless this regex is given; then a row matching it
@@ -86,6 +284,8 @@ def load_raw_datasets(train_file=None, validation_file=None, dataset_name=None, 
     Without a validation file (or a validation split in the named dataset), validation takes
     validation_split_percentage % of the training documents (shuffled with seed), or, when
     streaming, the first streaming_validation_documents documents (which training then skips).
+    decode_errors: "strict" (a text file that is not UTF-8 is a DataError naming the file and line)
+    or "replace" (such bytes read as U+FFFD, with a warning per file).
     """
     if sample_by not in SAMPLE_BY:
         raise DataError(f"--sample_by must be one of {SAMPLE_BY}, got {sample_by!r}")
@@ -94,8 +294,10 @@ def load_raw_datasets(train_file=None, validation_file=None, dataset_name=None, 
     if train_file is not None:
         train_files = resolve_data_files(train_file, "train_file")
         valid_files = resolve_data_files(validation_file, "validation_file")
-        train = _load_files(train_files, "train", streaming, sample_by, cache_dir)
-        valid = _load_files(valid_files, "validation", streaming, sample_by, cache_dir) if valid_files else None
+        train = _load_files(train_files, "train", streaming, sample_by, cache_dir, text_column, decode_errors,
+                            "train_file")
+        valid = _load_files(valid_files, "validation", streaming, sample_by, cache_dir, text_column, decode_errors,
+                            "validation_file") if valid_files else None
         where = f"--train_file {train_file!r}"
     else:
         try:
@@ -108,7 +310,7 @@ def load_raw_datasets(train_file=None, validation_file=None, dataset_name=None, 
         valid = raw["validation"] if "validation" in raw else None
         if validation_file is not None:
             valid = _load_files(resolve_data_files(validation_file, "validation_file"), "validation", streaming,
-                                sample_by, cache_dir)
+                                sample_by, cache_dir, text_column, decode_errors, "validation_file")
         where = f"--dataset_name {dataset_name!r}"
 
     columns = train.column_names

@@ -70,7 +70,7 @@ class SpikeLMConfig(PreTrainedConfig):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
-        self.block_types = list(block_types) if block_types is not None else default_block_types(num_hidden_layers)
+        self.block_types = block_types
         self.neuron_type = neuron_type
         self.tau = tau
         self.kernel_size = kernel_size
@@ -84,7 +84,7 @@ class SpikeLMConfig(PreTrainedConfig):
         self.lif_reset = lif_reset
         self.ssm_expand = ssm_expand
         self.mlp_ratio = mlp_ratio
-        self.intermediate_size = intermediate_size if intermediate_size is not None else mlp_ratio * hidden_size
+        self.intermediate_size = intermediate_size
         self.num_attention_heads = num_attention_heads
         self.attention_window = attention_window
         self.rope_theta = rope_theta
@@ -94,11 +94,16 @@ class SpikeLMConfig(PreTrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.firing_loss_coef = firing_loss_coef
         self.firing_loss_target = firing_loss_target
-        self._validate()
         super().__init__(tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id,
                          bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
+        self._validate()
 
     def _validate(self) -> None:
+        """Check every field (a ValueError or TypeError naming it); then fill the defaults that derive from
+        other fields (block_types, intermediate_size), once those fields are known to be valid."""
+        def number(v):
+            return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
         def positive_int(name):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -106,49 +111,81 @@ class SpikeLMConfig(PreTrainedConfig):
 
         def positive_float(name):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            if not number(v) or v <= 0:
                 raise ValueError(f"SpikeLMConfig.{name} must be a finite number > 0, got {v!r}")
 
         def choice(name, options):
-            if getattr(self, name) not in options:
-                raise ValueError(f"SpikeLMConfig.{name} must be one of {options}, got {getattr(self, name)!r}")
+            v = getattr(self, name)
+            if not isinstance(v, str) or v not in options:
+                raise ValueError(f"SpikeLMConfig.{name} must be one of {options}, got {v!r}")
+
+        def flag(name):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"SpikeLMConfig.{name} must be true or false, got {getattr(self, name)!r}")
 
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "kernel_size", "max_spike", "psn_T",
-                     "sliding_psn_k", "ssm_expand", "mlp_ratio", "intermediate_size", "num_attention_heads",
-                     "max_position_embeddings"):
+                     "sliding_psn_k", "ssm_expand", "mlp_ratio", "num_attention_heads", "max_position_embeddings"):
             positive_int(name)
+        if self.intermediate_size is None:
+            self.intermediate_size = self.mlp_ratio * self.hidden_size
+        positive_int("intermediate_size")
         for name in ("tau", "rope_theta", "rms_norm_eps", "initializer_range"):
             positive_float(name)
+        if self.rope_theta < 1:  # a base below 1 turns the rotary frequencies upside down (and overflows them)
+            raise ValueError(f"SpikeLMConfig.rope_theta must be >= 1 (the rotary base; 10000 is usual), "
+                             f"got {self.rope_theta!r}")
         for name in ("firing_loss_coef", "firing_loss_target"):
             c = getattr(self, name)
-            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
+            if not number(c) or c < 0:
                 raise ValueError(f"SpikeLMConfig.{name} must be a finite number >= 0, got {c!r}")
         choice("neuron_type", NEURON_TYPES)
         choice("spike_mode", SPIKE_MODES)
         choice("surrogate", SURROGATES)
         choice("lif_reset", ("hard", "soft"))
+        flag("tie_word_embeddings")
+        flag("use_cache")
         r = self.decay_init_range
-        if (not isinstance(r, list) or len(r) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in r)
-                or not 0 < r[0] <= r[1] < 1):
+        if not isinstance(r, list) or len(r) != 2 or not all(number(v) for v in r) or not 0 < r[0] <= r[1] < 1:
             raise ValueError(f"SpikeLMConfig.decay_init_range must be [short, long] with 0 < short <= long < 1, got {r!r}")
-        if not 0 <= self.lif_beta < 1:
+        for alpha in r:
+            # the DSN's initial conv bias is logit(alpha ** tau): it must be finite for every initial decay
+            p = alpha ** self.tau
+            if not 0 < p < 1:
+                raise ValueError(f"SpikeLMConfig.tau={self.tau!r} with decay_init_range={r!r}: the initial decay "
+                                 f"{alpha} needs sigmoid(bias) = {alpha}**tau, which rounds to {p!r}; choose tau "
+                                 "nearer 1 (the paper uses 0.25) or a decay_init_range further from 0 and 1")
+        if not number(self.lif_beta) or not 0 <= self.lif_beta < 1:
             raise ValueError(f"SpikeLMConfig.lif_beta must lie in [0, 1), got {self.lif_beta!r}")
+        if self.block_types is None:
+            self.block_types = default_block_types(self.num_hidden_layers)
+        if isinstance(self.block_types, str) or not isinstance(self.block_types, (list, tuple)):
+            raise TypeError(f"SpikeLMConfig.block_types must be a list of {BLOCK_TYPES}, one per layer, "
+                            f"got {self.block_types!r}")
+        self.block_types = list(self.block_types)
         if len(self.block_types) != self.num_hidden_layers:
             raise ValueError(f"SpikeLMConfig.block_types must list one type per layer "
                              f"(num_hidden_layers={self.num_hidden_layers}), got {len(self.block_types)}")
         for i, t in enumerate(self.block_types):
-            if t not in BLOCK_TYPES:
+            if not isinstance(t, str) or t not in BLOCK_TYPES:
                 raise ValueError(f"SpikeLMConfig.block_types[{i}] must be one of {BLOCK_TYPES}, got {t!r}")
         if "attention" in self.block_types:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(f"SpikeLMConfig.hidden_size ({self.hidden_size}) must be divisible by "
                                  f"num_attention_heads ({self.num_attention_heads})")
             if (self.hidden_size // self.num_attention_heads) % 2:
-                raise ValueError("SpikeLMConfig.num_attention_heads must leave an even head dim for rotary positions, "
-                                 f"got head dim {self.hidden_size // self.num_attention_heads}")
+                raise ValueError(f"SpikeLMConfig.hidden_size / num_attention_heads must be even (the head dim, for "
+                                 f"rotary positions), got hidden_size={self.hidden_size}, num_attention_heads="
+                                 f"{self.num_attention_heads}: head dim {self.hidden_size // self.num_attention_heads}")
         w = self.attention_window
         if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
             raise ValueError(f"SpikeLMConfig.attention_window must be an integer >= 1 or None (full attention), got {w!r}")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            v = getattr(self, name, None)
+            ids = v if name == "eos_token_id" and isinstance(v, list) else [v]  # several EOS ids are allowed
+            if v is not None and not all(not isinstance(i, bool) and isinstance(i, int) and 0 <= i < self.vocab_size
+                                         for i in ids):
+                raise ValueError(f"SpikeLMConfig.{name} must be None or a token id in [0, vocab_size={self.vocab_size})"
+                                 f"{' (or a list of them)' if name == 'eos_token_id' else ''}, got {v!r}")
 
     def neuron_kwargs(self) -> dict:
         """The settings every NeuronLayer of the model is built with."""

@@ -155,8 +155,19 @@ class StreamingGenerator:
 
     # -- input ---------------------------------------------------------------------------------
     def feed_ids(self, ids) -> None:
-        """Run token ids through the model, chunk_size at a time in parallel, continuing the state."""
-        ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+        """Run token ids through the model, chunk_size at a time in parallel, continuing the state.
+
+        Every id is checked first (an integer in [0, vocab_size)): a bad one is a ValueError naming it and
+        its position, and the state is left as it was."""
+        raw = torch.as_tensor(ids)
+        if raw.numel() and (raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool):
+            raise TypeError(f"feed_ids takes integer token ids, got {raw.dtype}")
+        ids = raw.to(torch.long).flatten()
+        vocab = self.model.config.vocab_size
+        bad = ((ids < 0) | (ids >= vocab)).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(f"feed_ids: token id {int(ids[i])} at position {i} is outside the vocabulary [0, {vocab})")
         for start in range(0, ids.numel(), self.chunk_size):
             self._forward(ids[start:start + self.chunk_size])
         self.recent.extend(ids[-self.penalty_window:].tolist() if self.penalty_window else [])

@@ -12,12 +12,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from ..data.loading import SAMPLE_BY
 
 
 class ConfigError(ValueError):
@@ -27,6 +30,11 @@ class ConfigError(ValueError):
 def _h(text: str, default=None, group: str = "training"):
     return field(default=default, metadata={"help": text, "group": group})
 
+
+# transformers.get_scheduler names that need nothing beyond warmup and total steps (the others need a
+# metric at every step or extra kwargs train.py does not take)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
 
 # SpikeLMConfig fields a config may set (vocab_size comes from the tokenizer; token ids too).
 _MODEL_SKIP = {"self", "kwargs", "vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "use_cache"}
@@ -300,13 +308,38 @@ def validate(a: TrainArgs) -> None:
     need(a.mixed_precision in (None, "no", "bf16", "fp16"), f"--mixed_precision must be no, bf16 or fp16, got "
                                                             f"{a.mixed_precision!r}")
     report_to_list(a.report_to)
-    need(a.learning_rate > 0, f"--learning_rate must be > 0, got {a.learning_rate}")
+    need(math.isfinite(a.learning_rate) and a.learning_rate > 0, f"--learning_rate must be > 0, got {a.learning_rate}")
+    for k in ("weight_decay", "adam_epsilon", "max_grad_norm"):
+        v = getattr(a, k)
+        need(math.isfinite(v) and v >= 0, f"--{k} must be a finite number >= 0, got {v}")
+    for k in ("adam_beta1", "adam_beta2"):
+        need(0 <= getattr(a, k) < 1, f"--{k} must lie in [0, 1), got {getattr(a, k)}")
+    need(a.lr_scheduler_type in LR_SCHEDULERS,
+         f"--lr_scheduler_type must be one of {', '.join(LR_SCHEDULERS)}, got {a.lr_scheduler_type!r}")
+    if a.lr_scheduler_type == "polynomial":  # decays to transformers' lr_end = 1e-7 over the steps after warmup
+        need(a.learning_rate > 1e-7, f"--learning_rate must be > 1e-7 (the polynomial schedule's end), "
+                                     f"got {a.learning_rate}")
+        need(a.max_steps == -1 or a.warmup_steps != a.max_steps,
+             f"--warmup_steps ({a.warmup_steps}) must differ from --max_steps for the polynomial schedule "
+             "(it decays over the steps after warmup)")
+    need(0 <= a.seed < 2**32, f"--seed must lie in [0, 2**32), got {a.seed}")
+    for k in ("num_threads", "preprocessing_num_workers", "per_device_eval_batch_size", "max_eval_samples"):
+        v = getattr(a, k)
+        need(v is None or v >= 1, f"--{k} must be >= 1 (or null: the default), got {v}")
+    need(a.num_threads is None or a.num_threads <= 4096, f"--num_threads must be <= 4096, got {a.num_threads}")
+    need(a.eval_steps is None or a.eval_steps >= 0, f"--eval_steps must be >= 0 (or null), got {a.eval_steps}")
+    need(a.streaming_shuffle_buffer >= 0, f"--streaming_shuffle_buffer must be >= 0, got {a.streaming_shuffle_buffer}")
+    for k in ("streaming_validation_documents", "tokenizer_train_documents"):
+        need(getattr(a, k) >= 1, f"--{k} must be >= 1, got {getattr(a, k)}")
+    need(a.sample_by in SAMPLE_BY, f"--sample_by must be one of {', '.join(SAMPLE_BY)}, got {a.sample_by!r}")
+    need(a.text_column != "", "--text_column must name a column, got an empty string")
     need(a.max_steps > 0 or a.max_steps == -1, f"--max_steps must be > 0 or -1, got {a.max_steps}")
-    need(a.max_steps > 0 or a.num_train_epochs > 0, "--num_train_epochs must be > 0 when max_steps is -1")
+    need(a.max_steps > 0 or (math.isfinite(a.num_train_epochs) and a.num_train_epochs > 0),
+         f"--num_train_epochs must be a finite number > 0 when max_steps is -1, got {a.num_train_epochs}")
     need(not a.streaming or a.max_steps > 0, "--streaming needs --max_steps (a stream has no known length)")
     need(a.save_total_limit is None or a.save_total_limit >= 1,
          f"--save_total_limit must be >= 1, got {a.save_total_limit}")
-    need(a.vocab_size is None or a.vocab_size >= 258, f"--vocab_size must be >= 258, got {a.vocab_size}")
+    need(a.vocab_size is None or 258 <= a.vocab_size < 2**31, f"--vocab_size must lie in [258, 2**31), got {a.vocab_size}")
     if a.model:
         from ..models import SpikeLMConfig
         try:
