@@ -586,3 +586,34 @@ def test_incremental_detokenizer_and_stop_matcher(reference):
     stopper = StopMatcher(["END"])  # holds back the last 2 characters: they may start "END"
     assert [stopper.add("aE"), stopper.add("N"), stopper.add("x"), stopper.flush()] == ["", "a", "E", "Nx"]
     assert not stopper.stopped
+
+
+# -- the playground, in a real browser -------------------------------------------------------------------------
+def test_playground_chats_through_the_api_in_headless_chromium(server, reference, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from playground_screenshot import CHROMIUM, launch, open_playground, send
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no browser at {CHROMIUM} (apt-get install chromium; .ci/run installs it)")
+    with sync_api.sync_playwright() as pw:
+        browser = launch(pw)
+        try:
+            page = open_playground(browser, server.url, max_tokens=12, temperature=0)
+            assert page.text_content("#model") == NAME
+            history = [{"role": "user", "content": "the spiking neuron"}]
+            first = send(page, history[0]["content"])
+            assert first["reply"] == reference_text(reference, chat_ids(reference, history), 12)[0]
+            assert first["cached"] == "0" and first["state"].endswith("KiB") and first["tps"] != "–"
+            history += [{"role": "assistant", "content": first["reply"]}, {"role": "user", "content": "and then"}]
+            second = send(page, "and then")  # the page resends the history: the server resumes its state
+            assert second["reply"] == reference_text(reference, chat_ids(reference, history), 12)[0]
+            assert int(second["cached"]) == len(chat_ids(reference, history[:2], False)) - 1
+            assert int(second["prompt_tokens"]) == len(chat_ids(reference, history))
+            page.check("#session")  # a new chat whose state the server keeps under a session id
+            send(page, "hello")
+            third = send(page, "more")
+            assert int(third["cached"]) > 0 and third["state"] == first["state"]
+            page.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
+        finally:
+            browser.close()
