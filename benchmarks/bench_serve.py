@@ -292,7 +292,7 @@ def main() -> None:
     if "turns" in phases:
         turns = {}
         for label, extra in (("prefix_cache", []), ("no_prefix_cache", ["--no_prefix_cache"])):
-            srv = Server(model_dir, tmp / f"states_{label}", args.threads)
+            srv = Server(model_dir, tmp / f"states_{label}", args.threads, *extra)
             asyncio.run(conversation(srv.port, name, 2, 4, seed=99))  # warm-up
             load0 = os.getloadavg()
             runs = [asyncio.run(conversation(srv.port, name, args.turns, args.reply_tokens, seed=10 + c))

@@ -539,6 +539,36 @@ def test_a_client_that_stops_reading_is_parked_not_waited_for(reference):
         engine.stop()
 
 
+def test_fresh_prompts_are_read_together_and_keep_their_states(reference, tmp_path):
+    """Prompts that start fresh share one left-padded prefill, cut where a row keeps a state; each row's output
+    and kept states are its own."""
+    model, tok = reference
+    store = StateStore(tmp_path, model_fingerprint(model))
+    engine = Engine(model, tok, store)
+    texts = ["the spiking neuron fires when", "a model", "its membrane crosses the threshold, then fires again"]
+    prompts = [encode(tok, t) for t in texts]
+    reqs = [GenerationRequest(ids, 8, boundaries=[(len(ids) // 2, True), (len(ids), False)]) for ids in prompts]
+    channels = [engine.submit(r) for r in reqs]  # queued before the engine starts: one group
+    engine.start()
+    try:
+        got = [read_all(ch) for ch in channels]
+        assert engine.counters["prompt_tokens"] == sum(map(len, prompts)) and engine.counters["grouped_prefills"] == 1
+        assert got == [reference_text(reference, ids, 8)[0] for ids in prompts]
+        for ids in prompts:
+            for b in (len(ids) // 2, len(ids)):
+                n, cache, _ = store.longest_prefix(ids[:b - 1] + [0], b - 1)
+                assert n == b - 1 and int(cache.positions[0]) == b - 1
+        # a kept state is the row's own: resuming from it continues exactly
+        longer = prompts[2] + encode(tok, " and again")
+        again = GenerationRequest(longer, 8)
+        ch = engine.submit(again)
+        assert read_all(ch) == reference_text(reference, longer, 8)[0]
+        assert engine.counters["cached_tokens"] == len(prompts[2]) - 1
+    finally:
+        engine.stop()
+        store.close()
+
+
 def read_all(channel, timeout=60) -> str:
     text, deadline = "", time.monotonic() + timeout
     while time.monotonic() < deadline:

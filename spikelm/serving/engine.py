@@ -221,7 +221,7 @@ class Engine:
         self._running = False
         self._thread: threading.Thread | None = None
         self.counters = {"requests": 0, "decode_steps": 0, "tokens_generated": 0, "prompt_tokens": 0,
-                         "cached_tokens": 0, "errors": 0}
+                         "cached_tokens": 0, "grouped_prefills": 0, "errors": 0}
 
     # -- public, any thread ----------------------------------------------------------------------
     def start(self) -> None:
@@ -333,6 +333,10 @@ class Engine:
 
     def _prefill(self, budget: int) -> None:
         while budget > 0 and self._prefills:
+            group = self._fresh_group(budget)
+            if len(group) > 1:
+                budget -= self._prefill_together(group)
+                continue
             task = self._prefills[0]
             stop = next((n for n, _ in task.keep if n > task.done), len(task.ids))
             n = min(budget, self.chunk_size, stop - task.done)
@@ -358,6 +362,61 @@ class Engine:
                     self._job_done(task.row)
                 else:
                     self._prompt_done(task)
+
+    def _fresh_group(self, budget: int) -> list[_Prefill]:
+        """Prompts that start from a fresh state (no kept prefix, no session), from the head of the queue on,
+        at most `budget` tokens in all: they can share one left-padded forward."""
+        head = self._prefills[0]
+        if head.end or head.cache is not None or head.done:
+            return []
+        group, tokens = [], 0
+        for task in self._prefills:
+            if task.end or task.cache is not None or task.done or len(task.ids) > self.chunk_size:
+                continue
+            if group and tokens + len(task.ids) > budget:
+                break
+            group.append(task)
+            tokens += len(task.ids)
+        return group
+
+    def _prefill_together(self, group: list[_Prefill]) -> int:
+        """Read the prompts of fresh rows in one batch, left-padded (padding is allowed before a row's first
+        token), cut into column chunks wherever a row keeps a state. Returns the tokens read."""
+        self.counters["grouped_prefills"] += 1
+        lengths = [len(t.ids) for t in group]
+        T = max(lengths)
+        pad = self.tokenizer.pad_token_id if getattr(self.tokenizer, "pad_token_id", None) is not None else 0
+        ids = torch.full((len(group), T), pad, dtype=torch.long)
+        mask = torch.zeros(len(group), T, dtype=torch.long)
+        for i, t in enumerate(group):
+            ids[i, T - lengths[i]:] = torch.tensor(t.ids)
+            mask[i, T - lengths[i]:] = 1
+        keeps = {}  # column after which a row keeps a state -> [(row index, length, shared)]
+        for i, t in enumerate(group):
+            for length, shared in t.keep:
+                keeps.setdefault(T - lengths[i] + length, []).append((i, length, shared))
+        cuts = sorted(set(keeps) | {T} | set(range(self.chunk_size, T, self.chunk_size)))
+        cache, start = None, 0
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        try:
+            for end in cuts:
+                out = self.model(ids[:, start:end], attention_mask=mask[:, start:end], use_cache=True,
+                                 logits_to_keep=1, **{CACHE_NAME: cache})
+                cache, start = out[CACHE_NAME], end
+                for i, length, shared in keeps.get(end, []):
+                    self._keep_prefix(group[i].row, group[i].ids[:length], cache.select([i]), shared)
+        except Exception as e:  # noqa: BLE001
+            logger.exception("batched prefill failed")
+            for t in group:
+                self._prefills.remove(t)
+                self._fail(t.row, 500, f"the model failed on the prompt: {type(e).__name__}: {e}")
+            return sum(lengths)
+        logits = out.logits[:, -1]
+        for i, t in enumerate(group):
+            self._prefills.remove(t)
+            t.cache, t.logits, t.done, t.keep = cache.select([i]), logits[i], lengths[i], []
+            self._prompt_done(t)
+        return sum(lengths)
 
     def _keep_prefix(self, row: _Row, ids: list[int], cache: SpikeLMCache, shared: bool = False) -> None:
         key, fut = self.store.put_prefix(ids, cache, row.parent, shared)
