@@ -49,7 +49,8 @@ from bench_generation import _cache_bytes, _count, _match  # noqa: E402
 
 # -- the server ------------------------------------------------------------------------------------------------
 class Server:
-    def __init__(self, model_dir, state_dir, threads: int, *extra):
+    def __init__(self, model_dir, state_dir, threads: int, *extra, env: dict | None = None):
+        self.env = {**os.environ, **(env or {})}
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -58,7 +59,7 @@ class Server:
         self.start()
 
     def start(self):
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=subprocess.DEVNULL, env=self.env)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -255,6 +256,10 @@ def main() -> None:
     p.add_argument("--conversations", type=int, default=3)
     p.add_argument("--sessions", type=int, default=128)
     p.add_argument("--histories", default="256,1024,4096")
+    p.add_argument("--malloc_mmap_threshold", type=int, default=131072,
+                   help="the memory phase's server runs with MALLOC_MMAP_THRESHOLD_ set to this (glibc): freed prefill "
+                        "buffers then leave the process instead of staying resident, so RSS follows live memory "
+                        "(0: glibc's default, dynamic threshold)")
     p.add_argument("--phases", default="throughput,turns,memory,kill")
     p.add_argument("--out", default=str(RESULTS / "bench_serve"))
     args = p.parse_args()
@@ -316,10 +321,12 @@ def main() -> None:
 
     if "memory" in phases:
         histories = [int(x) for x in args.histories.split(",")]
+        env = {"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)} if args.malloc_mmap_threshold else {}
         srv = Server(model_dir, tmp / "states_mem", args.threads, "--no_prefix_cache", "--max_prompt_tokens",
-                     str(max(histories) + 16), "--max_sessions", str(args.sessions * len(histories) + 16))
+                     str(max(histories) + 16), "--max_sessions", str(args.sessions * len(histories) + 256), env=env)
         vocab = model_cfg["vocab_size"]
-        asyncio.run(make_sessions(srv.port, name, 2, max(histories), vocab, "warmup"))  # the prefill's peak memory
+        for h in histories:  # warm-up: the allocator's and the store's first growth is not the sessions'
+            asyncio.run(make_sessions(srv.port, name, 16, h, vocab, "warmup"))
         rows = []
         for h in histories:
             rss0 = srv.rss()
@@ -327,6 +334,7 @@ def main() -> None:
             t0 = time.perf_counter()
             asyncio.run(make_sessions(srv.port, name, args.sessions, h, vocab, "s"))
             secs = time.perf_counter() - t0
+            time.sleep(1.0)  # idle: the engine returns freed memory (malloc_trim)
             held1 = asyncio.run(request(srv.port, "GET", "/health"))["states"]["memory_bytes"]
             rss1 = srv.rss()
             rows.append({"history": h, "sessions": args.sessions, "rss_bytes_per_session": (rss1 - rss0) / args.sessions,
@@ -340,7 +348,8 @@ def main() -> None:
         for r in rows:
             r["llama_kv_bytes"] = llama["kv_bytes"][r["history"]]
             print(f"history {r['history']:>6}: same-size Llama KV cache {r['llama_kv_bytes'] / 1024:10.1f} KiB")
-        results["memory"] = {"rows": rows, "llama": {k: v for k, v in llama.items() if k != "kv_bytes"}}
+        results["memory"] = {"rows": rows, "llama": {k: v for k, v in llama.items() if k != "kv_bytes"},
+                             "server_env": env}
 
     if "kill" in phases:
         turns, half = 6, 3

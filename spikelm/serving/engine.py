@@ -26,6 +26,8 @@ that repeats a prompt resumes there and feeds its last token; one that extends i
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import threading
 import time
@@ -43,6 +45,21 @@ from .states import StateStore, StoreError
 from .text import IncrementalDetokenizer, StopMatcher
 
 logger = logging.getLogger("spikelm.serving")
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None elsewhere. A prefill's activations are freed when it ends, but glibc keeps
+    the freed heap pages (between the small tensors of the states kept meanwhile) resident: trimming when the
+    engine goes idle returns them, so the server's RSS follows the states it holds."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+_MALLOC_TRIM = _malloc_trim()
 
 
 class Channel:
@@ -254,6 +271,7 @@ class Engine:
 
     # -- the worker --------------------------------------------------------------------------------
     def _loop(self) -> None:
+        was_busy = False
         with torch.no_grad():
             while self._running:
                 try:
@@ -263,8 +281,11 @@ class Engine:
                     self._fail_all("internal error in the engine (see the server log)")
                     busy = False
                 if not busy:
+                    if was_busy and _MALLOC_TRIM is not None:
+                        _MALLOC_TRIM(0)
                     self._wakeup.wait(timeout=0.5)
                     self._wakeup.clear()
+                was_busy = busy
         self._fail_all("the server is shutting down", status=503)
 
     def _iteration(self) -> bool:
@@ -355,7 +376,7 @@ class Engine:
             while task.keep and task.keep[0][0] <= task.done:
                 length, shared = task.keep.pop(0)
                 if length == task.done:
-                    self._keep_prefix(task.row, task.ids[:length], task.cache.select([0]), shared)
+                    self._keep_prefix(task.row, task.ids[:length], task.cache, shared)
             if task.done == len(task.ids):
                 self._prefills.popleft()
                 if task.end:

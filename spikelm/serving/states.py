@@ -114,6 +114,14 @@ class SessionState:
     tokens: int = field(default=0)
 
 
+def _own(cache: SpikeLMCache) -> SpikeLMCache:
+    """A compact copy of a one-row cache. A state fresh from a prefill holds views into the prefill's activations
+    (a conv history is the last inputs of a [1, T, C] tensor): kept as is, it would keep all of them alive."""
+    if cache.batch_size != 1:
+        raise ValueError(f"a kept state is one row, got {cache.batch_size}")
+    return cache.select([0])
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -412,8 +420,8 @@ class StateStore:
 
     def put_prefix(self, ids, cache: SpikeLMCache, parent: str | None = None, shared: bool = False
                    ) -> tuple[str, Future]:
-        """Keep cache (one row, owned by the store from now on) as the state after ids. Returns its key and a
-        future that resolves once it is on disk."""
+        """Keep a copy of cache (one row) as the state after ids. Returns its key and a future that resolves
+        once it is on disk."""
         key = self.prefix_key(ids)
         done: Future = Future()
         with self._lock:
@@ -423,6 +431,7 @@ class StateStore:
                 old.shared = old.shared or shared
                 done.set_result(True)
                 return key, done
+            cache = _own(cache)
             entry = _Entry("prefix", key, len(ids), parent=parent, shared=shared, nbytes=cache.nbytes())
             self._prefix[key] = entry
             self._lengths[entry.tokens] = self._lengths.get(entry.tokens, 0) + 1
@@ -478,8 +487,9 @@ class StateStore:
         return SessionState(cache, entry.pending_token, entry.tokens)
 
     def commit_session(self, session_id: str, cache: SpikeLMCache, pending_token: int | None) -> Future:
-        """Replace the session's state (cache: one row, owned by the store) and release it; the future resolves
-        once it is on disk."""
+        """Replace the session's state with a copy of cache (one row) and release it; the future resolves once it
+        is on disk."""
+        cache = _own(cache)
         with self._lock:
             self._reserved.discard(session_id)
             old = self._sessions.get(session_id)

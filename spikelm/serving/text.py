@@ -28,44 +28,90 @@ class ChatPrompt:
     system_end: int | None
 
 
+def _compile(template: str):
+    """template compiled once, in a sandbox set up as transformers' apply_chat_template sets up its own (None when
+    it uses something beyond that: apply_chat_template then renders it)."""
+    try:
+        from jinja2 import TemplateError
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        return None
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template)
+    except TemplateError:
+        return None
+
+
 class ChatFormat:
-    """Renders OpenAI-style messages with the tokenizer's chat template (CHAT_TEMPLATE when it has none)."""
+    """Renders OpenAI-style messages with the tokenizer's chat template (CHAT_TEMPLATE when it has none).
+
+    CHAT_TEMPLATE renders every message on its own, so a conversation is rendered message by message
+    (O(messages)); another template is rendered at every prefix of the conversation (O(messages^2)
+    text) to find what each message adds.
+    """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.template = getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
-        self.builtin = self.template == CHAT_TEMPLATE
+        self.per_message = self.template == CHAT_TEMPLATE
+        self._compiled = _compile(self.template)
+        self._tokens = dict(getattr(tokenizer, "special_tokens_map", {}) or {})
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if not messages and not add_generation_prompt:
             return ""
+        if self._compiled is not None:
+            return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         tools=None, documents=None, **self._tokens)
         return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
+
+    def _pieces(self, messages: list[dict], add_generation_prompt: bool) -> list[str]:
+        """The text each message adds to the rendering (then the generation prompt's); ValueError when the
+        template's rendering of a conversation does not start with that of its first messages."""
+        if self.per_message:
+            pieces = [self._render([m], False) for m in messages]
+            return pieces + [self._render([], True)] if add_generation_prompt else pieces
+        pieces, done = [], ""
+        for k in range(1, len(messages) + 1):
+            text = self._render(messages[:k], False)
+            if not text.startswith(done):
+                raise ValueError("the template is not incremental")
+            pieces.append(text[len(done):])
+            done = text
+        if add_generation_prompt:
+            text = self._render(messages, True)
+            if not text.startswith(done):
+                raise ValueError("the template is not incremental")
+            pieces.append(text[len(done):])
+        return pieces
 
     def prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> ChatPrompt:
         """The token ids of messages (+ the assistant's header) with the position of every message boundary.
 
-        A template whose rendering of a conversation does not start with the rendering of its first
-        messages (one that looks ahead, e.g. to the last message) is encoded as one text: no boundaries.
+        A template that looks ahead (its rendering of a conversation does not start with the rendering
+        of its first messages) is encoded as one text: no boundaries.
         """
-        ids: list[int] = []
-        boundaries: list[int] = []
-        done = ""
         try:
-            for k in range(1, len(messages) + 1):
-                text = self._render(messages[:k], False)
-                if not text.startswith(done):
-                    raise ValueError("the template is not incremental")
-                ids += encode(self.tokenizer, text[len(done):])
-                done = text
-                boundaries.append(len(ids))
-            if add_generation_prompt:
-                text = self._render(messages, True)
-                if not text.startswith(done):
-                    raise ValueError("the template is not incremental")
-                ids += encode(self.tokenizer, text[len(done):])
+            pieces = self._pieces(messages, add_generation_prompt)
         except Exception:  # noqa: BLE001  (a template may refuse a partial conversation: render it whole)
             return ChatPrompt(encode(self.tokenizer, self._render(messages, add_generation_prompt)), [], None)
+        encoded = self.tokenizer([p for p in pieces if p], add_special_tokens=False)["input_ids"] if any(pieces) else []
+        parts = iter(encoded)
+        ids: list[int] = []
+        boundaries: list[int] = []
+        for k, piece in enumerate(pieces):
+            if piece:
+                ids += next(parts)
+            if k < len(messages):
+                boundaries.append(len(ids))
         leading = 0
         while leading < len(messages) and messages[leading]["role"] in ("system", "developer"):
             leading += 1
