@@ -42,12 +42,7 @@ MODEL = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, attenti
 NAME = "tiny"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # serve.py --threads 1 sets it too; restored after
 
 
 def free_port() -> int:
