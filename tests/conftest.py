@@ -8,9 +8,10 @@ def _deterministic():
     yield
 
 
-@pytest.fixture
-def one_thread():
-    """torch on one thread for the test: tiny models are dominated by per-op overhead, more threads only contend."""
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests, restored after it: tiny models are dominated by per-op overhead,
+    more threads only add contention."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

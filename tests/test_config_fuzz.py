@@ -17,12 +17,7 @@ from spikelm.training import ConfigError, parse_args
 from spikelm.training.args import LR_SCHEDULERS, TrainArgs, all_keys
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- SpikeLMConfig ---------------------------------------------------------------------------------

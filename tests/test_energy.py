@@ -15,7 +15,7 @@ from spikelm.neurons import DSN
 # Reports of the counter as it was before modules declared their own counts (it matched module types and
 # names), on these configs and inputs: every number that does not depend on the spikes the random model
 # fires. The spike-dependent ones (the spiking network's linear accumulates) are checked against the spikes.
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PINNED = json.loads((Path(__file__).parent / "data" / "energy_pinned.json").read_text())
 CASES = sorted({key.split("|")[0] for key in PINNED})

@@ -24,13 +24,7 @@ TEXT = ["the spiking neuron fires when its membrane crosses the threshold. " * 3
 SMALL = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, attention_window=6, ssm_expand=2, mlp_ratio=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny models are dominated by per-op overhead: more threads only add contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

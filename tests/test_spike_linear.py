@@ -25,12 +25,7 @@ from spikelm.ops.spike_linear import (_LAYOUTS, LIBRARY, c_kernel_available, nai
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_spikes(shape, density: float, max_spike: int = 4, gen=None) -> torch.Tensor:
