@@ -14,7 +14,8 @@ the row's SpikeLM's parameter count); `plain` rows run benchmarks/train_plain.py
 
 Each run writes benchmarks/results/ablation_v2/<size>/<row>-s<seed>.json: the validation loss train.py
 reports at the end (its validation blocks of the base), the training-loop time (sum of train.py's
-logged windows: tokens / tokens_per_s, evaluation excluded), the load average before and after,
+logged windows: tokens / tokens_per_s, evaluation excluded) and the CPU time of the whole run (on a
+shared machine the wall time mostly measures the other jobs), the load average before and after,
 parameters, the firing rate on the validation blocks, and the exact command. Runs go under
 benchmarks/.runs/ablation/ (not in git).
 """
@@ -24,6 +25,7 @@ import argparse
 import csv
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -49,6 +51,8 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
     "atan_a1": ("atan surrogate, alpha 1 (wider), every neuron", ["--surrogate", "atan", "--surrogate_alpha", "1.0"],
                 "spikelm"),
     "lr5e-3": ("learning rate 5e-3", ["--learning_rate", "5e-3"], "spikelm"),
+    "neuron_lr10": ("the DSNs' decay convs learn at 10 x the learning rate", ["--neuron_learning_rate_scale", "10"],
+                    "spikelm"),
     "llama_standard": ("Llama, standard proportions, same parameters", [], "llama_standard"),
     "llama_same_depth": ("Llama, SpikeLM's depth, MLP widened", [], "llama_same_depth"),
     "plain": ("the base SpikeLM through a plain random-window loop", [], "plain"),
@@ -122,15 +126,20 @@ def run(size: str, row: str, seed: int) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = command_for(size, row, seed, out)
     load0, t0 = os.getloadavg(), time.time()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     log = out.parent / f"{row}-s{seed}.log"
     print("running:", " ".join(cmd), flush=True)
     with open(log, "w") as f:
         subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True)
     wall, load1 = time.time() - t0, os.getloadavg()
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     model = ROWS[row][2]
     res = {"size": size, "row": row, "what": ROWS[row][0], "seed": seed, "model": model,
            "command": " ".join(["python", *cmd[1:]]), "loadavg_before": load0, "loadavg_after": load1,
-           "wall_seconds": wall, "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+           "wall_seconds": wall, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           # CPU time of the whole run (data, training, evaluation): on a shared machine wall times mostly
+           # measure the other jobs
+           "cpu_seconds": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)}
     if model == "plain":
         p = json.loads((out / "plain.json").read_text())
         res.update(val_loss=p["final_eval"]["loss"], train_seconds=p["train_seconds"], parameters=p["parameters"])

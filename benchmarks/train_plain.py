@@ -84,7 +84,8 @@ def main(argv=None) -> dict:
                                          accelerator)
     stream = token_stream(tokenize_dataset(raw["train"], tok, args.text_column), tok.eos_token_id)
     T, B = args.block_size, args.per_device_train_batch_size * args.gradient_accumulation_steps
-    opt = torch.optim.AdamW(trainer._param_groups(model, args.weight_decay), lr=args.learning_rate,
+    opt = torch.optim.AdamW(trainer._param_groups(model, args.weight_decay, args.learning_rate,
+                                                  args.neuron_learning_rate_scale), lr=args.learning_rate,
                             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     sched = get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=args.warmup_steps,
                           num_training_steps=args.max_steps)

@@ -77,6 +77,8 @@ class TrainArgs:
     per_device_eval_batch_size: int | None = _h("blocks per process per eval step (default: train's)", None)
     gradient_accumulation_steps: int = _h("micro-steps per optimizer step", 1)
     learning_rate: float = _h("peak learning rate of AdamW", 3e-4)
+    neuron_learning_rate_scale: float = _h("the neurons' own parameters (a DSN's decay conv) learn at learning_rate "
+                                           "x this", 1.0)
     weight_decay: float = _h("AdamW weight decay (matrices only; not norms, biases)", 0.1)
     adam_beta1: float = _h("AdamW beta1", 0.9)
     adam_beta2: float = _h("AdamW beta2", 0.95)
@@ -287,6 +289,8 @@ def validate(a: TrainArgs) -> None:
     need(a.report_to in ("none", "csv", "tensorboard"), f"--report_to must be none, csv or tensorboard, got "
                                                         f"{a.report_to!r}")
     need(a.learning_rate > 0, f"--learning_rate must be > 0, got {a.learning_rate}")
+    need(a.neuron_learning_rate_scale > 0, f"--neuron_learning_rate_scale must be > 0, got "
+                                           f"{a.neuron_learning_rate_scale}")
     need(a.max_steps > 0 or a.max_steps == -1, f"--max_steps must be > 0 or -1, got {a.max_steps}")
     need(a.max_steps > 0 or a.num_train_epochs > 0, "--num_train_epochs must be > 0 when max_steps is -1")
     need(not a.streaming or a.max_steps > 0, "--streaming needs --max_steps (a stream has no known length)")

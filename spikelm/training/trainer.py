@@ -217,17 +217,27 @@ def evaluate(model, blocks, args: TrainArgs, accelerator) -> dict:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "blocks": n}
 
 
-def _param_groups(model, weight_decay: float):
+def _param_groups(model, weight_decay: float, learning_rate: float, neuron_learning_rate_scale: float = 1.0):
     """Weight decay on the weight matrices of linear and embedding layers only: never on norms, and
     never on a neuron's decay conv, which decay would pull towards one fixed decay for every input
-    (the paper's worst ablation)."""
+    (the paper's worst ablation). The neurons' own parameters (a DSN's decay conv) learn at
+    learning_rate x neuron_learning_rate_scale."""
+    from ..neurons import DSN
+
     matrices = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
-    decay, no_decay = [], []
+    # (a separate group only when it learns at another rate: checkpoints of two-group runs still resume)
+    neuron = {id(p) for m in model.modules() if isinstance(m, DSN) for p in m.parameters()} \
+        if neuron_learning_rate_scale != 1.0 else set()
+    groups = {"decay": [], "no_decay": [], "neuron": []}
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        (decay if id(p) in matrices else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups["decay" if id(p) in matrices else "neuron" if id(p) in neuron else "no_decay"].append(p)
+    out = [{"params": groups["decay"], "weight_decay": weight_decay, "lr": learning_rate},
+           {"params": groups["no_decay"], "weight_decay": 0.0, "lr": learning_rate}]
+    if groups["neuron"]:
+        out.append({"params": groups["neuron"], "weight_decay": 0.0, "lr": learning_rate * neuron_learning_rate_scale})
+    return out
 
 
 def _fault_nan_steps() -> set[int]:
@@ -302,7 +312,8 @@ def train(args: TrainArgs) -> dict:
     if args.gradient_checkpointing:
         # transformers after 5.17 renamed it (the old name warns, and goes in v6)
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    optimizer = torch.optim.AdamW(_param_groups(model, args.weight_decay), lr=args.learning_rate,
+    optimizer = torch.optim.AdamW(_param_groups(model, args.weight_decay, args.learning_rate,
+                                                args.neuron_learning_rate_scale), lr=args.learning_rate,
                                   betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps,
                               num_training_steps=max_steps)
