@@ -2,12 +2,14 @@
 transformers' LlamaForCausalLM and MambaForCausalLM of the same parameter count (random weights).
 
 Every step trains on about the same number of tokens (--tokens, default 2048): batch =
-max(1, tokens / block), so block 512 runs 4 rows, 2k 1 row, 8k 1 row (8192 tokens). Defaults are
-one timed step without warmup (this CPU is slow and often shared); raise --steps/--warmup on a
-quiet machine: the best step is reported. SpikeLM has the shape of configs/small.yaml
-(~19M parameters); Llama's and Mamba's depth is chosen to match its parameter count.
+max(1, tokens / block), so block 128 runs 16 rows, 512 4 rows, 2k 1 row, 8k 1 row (8192 tokens).
+Defaults are one timed step without warmup (this CPU is slow and often shared); raise
+--steps/--warmup on a quiet machine: the best step is reported. SpikeLM has the shape of
+configs/small.yaml (~19M parameters). Two Llamas of its parameter count (benchmarks/fair_llama.py):
+`llama` of standard proportions (MLP 8/3 x hidden, depth matched: deeper than SpikeLM) and
+`llama_same_depth` (SpikeLM's 8 layers, MLP widened); Mamba's depth matches the count.
 
-    python benchmarks/bench_training.py                     # blocks 512, 2048, 8192; all three models
+    python benchmarks/bench_training.py                     # blocks 128, 2048, 8192; all four models
     python benchmarks/bench_training.py --blocks 512 --models spikelm llama --steps 2
 
 Prints a table and writes benchmarks/results/bench_training.json (machine, threads, load average
@@ -30,6 +32,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 VOCAB, HIDDEN = 8192, 384
 
@@ -38,19 +41,23 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def spikelm_config():
+    from spikelm import SpikeLMConfig
+    return SpikeLMConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=8, num_attention_heads=6,
+                         attention_window=512)
+
+
 def spikelm_model(block: int):
-    from spikelm import SpikeLMConfig, SpikeLMForCausalLM
-    cfg = SpikeLMConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=8, num_attention_heads=6,
-                        attention_window=512)
-    return SpikeLMForCausalLM(cfg)
+    from spikelm import SpikeLMForCausalLM
+    return SpikeLMForCausalLM(spikelm_config())
 
 
-def llama_model(layers: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=1024, num_hidden_layers=layers,
-                      num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=16384,
-                      tie_word_embeddings=True, attn_implementation="sdpa")
-    return LlamaForCausalLM(cfg)
+def llama_model(shape: str):
+    from transformers import LlamaForCausalLM
+
+    from fair_llama import matched_llama_config, spikelm_parameters
+    cfg = spikelm_config()
+    return LlamaForCausalLM(matched_llama_config(spikelm_parameters(cfg), VOCAB, HIDDEN, shape, cfg.num_hidden_layers))
 
 
 def mamba_model(layers: int):
@@ -103,8 +110,8 @@ def time_steps(model, block: int, tokens: int, steps: int, warmup: int, budget_s
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--blocks", default="512,2048,8192")
-    p.add_argument("--models", nargs="+", default=["spikelm", "llama", "mamba"])
+    p.add_argument("--blocks", default="128,2048,8192")
+    p.add_argument("--models", nargs="+", default=["spikelm", "llama", "llama_same_depth", "mamba"])
     p.add_argument("--tokens", type=int, default=2048, help="tokens per training step (batch = tokens / block)")
     p.add_argument("--steps", type=int, default=1, help="timed steps (the best is reported)")
     p.add_argument("--warmup", type=int, default=0)
@@ -119,9 +126,11 @@ def main(argv=None) -> None:
 
     with torch.device("meta"):
         target = n_params(spikelm_model(512))
-    depth = {"llama": matched_layers(llama_model, target), "mamba": matched_layers(mamba_model, target)}
-    builders = {"spikelm": spikelm_model, "llama": lambda b: llama_model(depth["llama"]),
-                "mamba": lambda b: mamba_model(depth["mamba"])}
+        depth = {"llama": llama_model("standard").config.num_hidden_layers,
+                 "llama_same_depth": llama_model("same_depth").config.num_hidden_layers,
+                 "mamba": matched_layers(mamba_model, target)}
+    builders = {"spikelm": spikelm_model, "llama": lambda b: llama_model("standard"),
+                "llama_same_depth": lambda b: llama_model("same_depth"), "mamba": lambda b: mamba_model(depth["mamba"])}
     results = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "cpu_count": os.cpu_count(), "torch": torch.__version__,
@@ -147,16 +156,17 @@ def main(argv=None) -> None:
 
     # table
     print()
-    print(f"parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in results["parameters"].items())
-          + f" (llama {depth['llama']} layers, mamba {depth['mamba']} layers)")
-    head = "| block | " + " | ".join(f"{m} tok/s" for m in args.models) + " | spikelm / llama |"
+    print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in results["parameters"].items())
+          + " (layers: " + ", ".join(f"{k} {v}" for k, v in depth.items()) + ")")
+    refs = [m for m in ("llama", "llama_same_depth") if m in args.models]
+    head = "| block | " + " | ".join(f"{m} tok/s" for m in args.models) + "".join(f" | spikelm / {m}" for m in refs) + " |"
     print(head)
-    print("|" + "---|" * (len(args.models) + 2))
+    print("|" + "---|" * (len(args.models) + 1 + len(refs)))
     for block in blocks:
         row = {r["model"]: r["tokens_per_s"] for r in results["runs"] if r["block"] == block}
-        ratio = row["spikelm"] / row["llama"] if "spikelm" in row and "llama" in row else float("nan")
+        ratios = [row["spikelm"] / row[m] if "spikelm" in row and m in row else float("nan") for m in refs]
         print(f"| {block} | " + " | ".join(f"{row.get(m, float('nan')):.0f}" for m in args.models)
-              + f" | {ratio:.2f}x |")
+              + "".join(f" | {r:.2f}x" for r in ratios) + " |")
     print(f"\nwrote {args.out}")
 
 

@@ -38,11 +38,13 @@ def main(argv=None) -> int:
             return 2
     ds = load_raw_datasets(train_file=a.get("train_file"), validation_file=a.get("validation_file"),
                            dataset_name=a.get("dataset_name"), dataset_config_name=a.get("dataset_config_name"),
-                           text_column=a.get("text_column", "text"), sample_by=a.get("sample_by", "paragraph"),
+                           text_column=a.get("text_column", "text"), sample_by=a.get("sample_by", "document"),
                            validation_split_percentage=a.get("validation_split_percentage", 5),
                            streaming=bool(a.get("streaming", False)),
                            streaming_validation_documents=a.get("streaming_validation_documents", 200),
-                           seed=a.get("seed", 42), cache_dir=a.get("cache_dir"))
+                           seed=a.get("seed", 42), cache_dir=a.get("cache_dir"),
+                           document_start_pattern=a.get("document_start_pattern"),
+                           document_separator=a.get("document_separator"))
     if ds["validation"] is None:
         print("export_validation_text.py: error: the run has no validation split", file=sys.stderr)
         return 2

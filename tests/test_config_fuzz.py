@@ -73,7 +73,14 @@ def valid_configs(draw):
               attention_window=draw(st.one_of(st.none(), st.integers(1, 8))),
               rope_theta=draw(st.floats(1.0, 1e6)), rms_norm_eps=draw(st.floats(1e-8, 1e-2)),
               tie_word_embeddings=draw(st.booleans()), initializer_range=draw(st.floats(1e-4, 0.5)),
-              firing_loss_coef=draw(st.floats(0.0, 1.0)), firing_loss_target=draw(st.floats(0.0, 2.0)))
+              firing_loss_coef=draw(st.floats(0.0, 1.0)), firing_loss_target=draw(st.floats(0.0, 2.0)),
+              surrogate_alpha=draw(st.floats(0.1, 8.0)), config_version=draw(st.sampled_from([None, 1, 2])),
+              head_max_spike=draw(st.one_of(st.none(), st.integers(1, 16))),
+              ssm_gate=draw(st.sampled_from([None, "binary", "integer", "none"])),
+              neuron_input_scale=draw(st.one_of(st.none(), st.floats(0.25, 4.0))))
+    if draw(st.booleans()):
+        c_short = draw(st.floats(0.01, 0.98))
+        kw["core_decay_init_range"] = [c_short, draw(st.floats(c_short, 0.999))]
     if draw(st.booleans()):
         kw["intermediate_size"] = draw(st.integers(1, 24))
     else:
@@ -103,14 +110,22 @@ INVALID = {
                                      "psn_T", "sliding_psn_k", "ssm_expand", "mlp_ratio", "num_attention_heads",
                                      "max_position_embeddings")},
     "intermediate_size": st.one_of(st.booleans(), st.floats(), st.text(max_size=3), st.integers(max_value=0)),
-    **{f: BAD_POSITIVE_FLOAT for f in ("tau", "rms_norm_eps", "initializer_range")},
+    **{f: BAD_POSITIVE_FLOAT for f in ("tau", "rms_norm_eps", "initializer_range", "surrogate_alpha")},
+    # None is these fields' default (the config version's value)
+    "head_max_spike": st.one_of(st.booleans(), st.floats(), st.text(max_size=3), st.integers(max_value=0)),
+    "neuron_input_scale": st.one_of(st.booleans(), st.text(max_size=3), st.floats(max_value=0),
+                                    st.sampled_from([float("nan"), float("inf")])),
+    "ssm_gate": st.one_of(st.booleans(), st.integers(), st.text(max_size=6), st.lists(st.text(max_size=2), max_size=2)),
+    "config_version": st.one_of(st.booleans(), st.floats(), st.text(max_size=3), st.integers().filter(
+        lambda v: v not in (1, 2))),
     "tau": st.one_of(BAD_POSITIVE_FLOAT, st.floats(1e4, 1e300), st.floats(1e-300, 1e-18)),  # alpha**tau rounds to 0 or 1
     "rope_theta": st.one_of(BAD_POSITIVE_FLOAT, st.floats(1e-300, 0.999)),
     **{f: st.one_of(NOT_A_NUMBER, st.floats(max_value=-1e-9)) for f in ("firing_loss_coef", "firing_loss_target")},
     **{f: BAD_CHOICE for f in ("neuron_type", "spike_mode", "surrogate", "lif_reset")},
-    "decay_init_range": st.one_of(st.none(), st.floats(), st.text(max_size=3),
-                                  st.lists(st.floats(allow_nan=True), max_size=4).filter(
-                                      lambda r: not (len(r) == 2 and 0 < r[0] <= r[1] < 1))),
+    **{f: st.one_of(st.floats(), st.text(max_size=3), st.lists(st.floats(allow_nan=True), max_size=4).filter(
+        lambda r: not (len(r) == 2 and 0 < r[0] <= r[1] < 1))) for f in ("decay_init_range", "core_decay_init_range")},
+    "decay_init_range": st.one_of(st.none(), st.floats(), st.text(max_size=3), st.lists(
+        st.floats(allow_nan=True), max_size=4).filter(lambda r: not (len(r) == 2 and 0 < r[0] <= r[1] < 1))),
     "lif_beta": st.one_of(NOT_A_NUMBER, st.floats(max_value=-1e-9), st.floats(min_value=1.0)),
     "block_types": st.one_of(st.booleans(), st.integers(), st.text(max_size=4),
                              st.lists(st.sampled_from(["ssm", "attention", "mamba", 1, None]), max_size=4).filter(

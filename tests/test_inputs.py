@@ -121,7 +121,7 @@ def test_decode_errors_replace_is_explicit_and_warns(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="spikelm.data.loading"):
         raw = load_raw_datasets(train_file=str(f), validation_split_percentage=0, decode_errors="replace",
                                 cache_dir=str(tmp_path / "c"))
-    assert sorted(t.strip() for t in raw["train"]["text"]) == ["caf\ufffd au lait", "na\ufffdve"]
+    assert [t.strip() for t in raw["train"]["text"]] == ["caf\ufffd au lait\n\nna\ufffdve"]  # one document
     assert "2 byte sequence(s) that are not UTF-8 read as U+FFFD" in caplog.text and "latin1.txt" in caplog.text
     with pytest.raises(DataError, match="decode_errors must be one of"):
         load_raw_datasets(train_file=str(f), decode_errors="ignore")
@@ -145,7 +145,8 @@ def test_good_files_of_every_kind_load(tmp_path):
     lines = _write(tmp_path / "b.json", '{"text": "one"}\n{"text": "two"}\n')
     pq = _parquet(tmp_path / "a.parquet", text=["one", "two"], n=[1, 2])
     for f in (txt, jsonl, doc, lines, pq):
-        raw = load_raw_datasets(train_file=str(f), validation_split_percentage=0, cache_dir=str(tmp_path / "c"))
+        raw = load_raw_datasets(train_file=str(f), validation_split_percentage=0, cache_dir=str(tmp_path / "c"),
+                                sample_by="paragraph")  # a .txt file's two paragraphs as two documents
         assert len(raw["train"]) == 2, f
 
 

@@ -86,6 +86,15 @@ def iter_packed_blocks(tokenized_stream, eos_token_id: int, block_size: int) -> 
             yield {"input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(pos)}
 
 
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """k indices spread evenly over range(n), first and last included (all of them when k >= n)."""
+    if k >= n:
+        return list(range(n))
+    if k == 1:
+        return [0]
+    return [round(i * (n - 1) / (k - 1)) for i in range(k)]
+
+
 def count_tokens(tokenized, limit_docs: int | None = None) -> int:
     """Tokens a packed dataset would hold before cutting into blocks (each document + its EOS)."""
     n = 0

@@ -10,8 +10,8 @@ from .norm import RMSNorm
 from .op_counts import OpCount
 
 
-# The residual stream reaches a neuron at RMS 2 (the norm's initial gain): membranes then span the
-# spike levels 1..N instead of rarely crossing the first threshold at 1/2.
+# The residual stream reaches a neuron at RMS 2 (the norm's initial gain; SpikeLMConfig.neuron_input_scale):
+# membranes then span the spike levels 1..N instead of rarely crossing the first threshold at 1/2.
 NEURON_INPUT_SCALE = 2.0
 
 
@@ -31,8 +31,10 @@ class NeuronLayer(nn.Module):
 
     def __init__(self, channels: int, neuron_kwargs: dict, eps: float = 1e-5, normalize: bool = True):
         super().__init__()
-        self.norm = RMSNorm(channels, eps, init_scale=NEURON_INPUT_SCALE) if normalize else None
-        self.neuron = build_neuron(channels=channels, **neuron_kwargs)
+        kwargs = dict(neuron_kwargs)
+        input_scale = kwargs.pop("input_scale", NEURON_INPUT_SCALE)  # the norm's; the rest are the neuron's
+        self.norm = RMSNorm(channels, eps, init_scale=input_scale) if normalize else None
+        self.neuron = build_neuron(channels=channels, **kwargs)
 
     @property
     def max_spike(self) -> int:

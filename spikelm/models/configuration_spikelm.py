@@ -8,6 +8,25 @@ from transformers import PreTrainedConfig
 from ..neurons import NEURON_TYPES, SPIKE_MODES, SURROGATES
 
 BLOCK_TYPES = ("ssm", "attention")
+SSM_GATES = ("binary", "integer", "none")
+
+# Config versions: the defaults of the fields below changed between versions. SpikeLMConfig(...) builds
+# the current version; a serialized config without `config_version` (a config.json saved before it
+# existed) is version 1 and gets version 1's defaults, so an old model loads and runs as trained.
+class SameAs:
+    """A default that copies another field's value."""
+
+    def __init__(self, field: str):
+        self.field = field
+
+
+CONFIG_VERSION = 2
+VERSIONED_DEFAULTS = {
+    1: {"head_max_spike": SameAs("max_spike"), "core_decay_init_range": SameAs("decay_init_range"),
+        "ssm_gate": "binary", "neuron_input_scale": 2.0},
+    2: {"head_max_spike": SameAs("max_spike"), "core_decay_init_range": SameAs("decay_init_range"),
+        "ssm_gate": "binary", "neuron_input_scale": 2.0},
+}
 
 
 def default_block_types(num_hidden_layers: int) -> list[str]:
@@ -26,6 +45,10 @@ class SpikeLMConfig(PreTrainedConfig):
             default: SSM with attention as every fourth layer.
         neuron_type: "dsn" (default) or a baseline, "lif", "psn", "sliding_psn", used in every layer.
         tau, kernel_size, max_spike, spike_mode, surrogate: the DSN's settings (see spikelm.neurons.DSN).
+        surrogate_alpha: sharpness of the atan surrogate (the SSM's binary gate always uses atan): its
+            gradient reaches ~1/alpha around each threshold, so a smaller alpha also reaches neurons
+            held below 0, which the rect surrogate never updates. Backward only: a trained model's
+            outputs do not depend on it.
         decay_init_range: (short, long) initial decays of every DSN layer's channels, spread
             log-uniformly in 1 - alpha; the decays stay input-dependent and learn from there.
         psn_T: the time window of PSN neurons (inputs longer than this are an error for PSN).
@@ -51,6 +74,16 @@ class SpikeLMConfig(PreTrainedConfig):
         firing_loss_target: per neuron layer, the mean spike count per neuron-step below which the
             firing loss stops pushing (0: none). Without it the loss can silence whole sub-layers:
             a neuron held below 0 gets no gradient from the rect surrogate and never recovers.
+        config_version: which version's defaults the fields below take when not given (default: the
+            current one, CONFIG_VERSION). A saved config without it is version 1.
+        head_max_spike: N of the neuron layer the LM head reads (the last one); default: max_spike.
+        core_decay_init_range: decay_init_range of the SSM blocks' core neurons (the state that carries
+            context); default: decay_init_range.
+        ssm_gate: the SSM block's gate on its core's spikes: "binary" (0/1 spikes, atan surrogate),
+            "integer" (spikes 0..N like the core, rect surrogate), or "none" (no gate: in_proj feeds the
+            core only).
+        neuron_input_scale: initial gain of the RMSNorm in front of every neuron that reads the
+            residual stream: the RMS of the membrane's drive, against the spike thresholds 1/2, 3/2, ...
     """
 
     model_type = "spikelm"
@@ -58,13 +91,16 @@ class SpikeLMConfig(PreTrainedConfig):
     def __init__(self, vocab_size: int = 32000, hidden_size: int = 512, num_hidden_layers: int = 8,
                  block_types: list[str] | None = None, neuron_type: str = "dsn", tau: float = 0.25,
                  kernel_size: int = 4, max_spike: int = 4, spike_mode: str = "integer", surrogate: str = "rect",
+                 surrogate_alpha: float = 2.0,
                  decay_init_range: tuple[float, float] | list[float] = (0.05, 0.5),
                  psn_T: int = 2048, sliding_psn_k: int = 4, lif_beta: float = 0.5, lif_reset: str = "hard",
                  ssm_expand: int = 2, mlp_ratio: int = 4, intermediate_size: int | None = None,
                  num_attention_heads: int = 8, attention_window: int | None = 2048, rope_theta: float = 10000.0,
                  rms_norm_eps: float = 1e-5, tie_word_embeddings: bool = True, initializer_range: float = 0.02,
                  use_cache: bool = True, max_position_embeddings: int = 1 << 20, firing_loss_coef: float = 0.0,
-                 firing_loss_target: float = 0.0,
+                 firing_loss_target: float = 0.0, config_version: int | None = None,
+                 head_max_spike: int | None = None, core_decay_init_range: list[float] | None = None,
+                 ssm_gate: str | None = None, neuron_input_scale: float | None = None,
                  pad_token_id: int | None = None,
                  bos_token_id: int | None = None, eos_token_id: int | None = None, **kwargs):
         self.vocab_size = vocab_size
@@ -77,6 +113,7 @@ class SpikeLMConfig(PreTrainedConfig):
         self.max_spike = max_spike
         self.spike_mode = spike_mode
         self.surrogate = surrogate
+        self.surrogate_alpha = surrogate_alpha
         self.decay_init_range = list(decay_init_range) if isinstance(decay_init_range, (list, tuple)) else decay_init_range
         self.psn_T = psn_T
         self.sliding_psn_k = sliding_psn_k
@@ -94,6 +131,19 @@ class SpikeLMConfig(PreTrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.firing_loss_coef = firing_loss_coef
         self.firing_loss_target = firing_loss_target
+        v = CONFIG_VERSION if config_version is None else config_version
+        if isinstance(v, bool) or not isinstance(v, int) or v not in VERSIONED_DEFAULTS:
+            raise ValueError(f"SpikeLMConfig.config_version must be one of {sorted(VERSIONED_DEFAULTS)}, "
+                             f"got {config_version!r}")
+        self.config_version = v
+        given = {"head_max_spike": head_max_spike, "core_decay_init_range": core_decay_init_range,
+                 "ssm_gate": ssm_gate, "neuron_input_scale": neuron_input_scale}
+        for name, value in given.items():
+            if value is None:
+                value = VERSIONED_DEFAULTS[v][name]
+                if isinstance(value, SameAs):
+                    value = getattr(self, value.field)
+            setattr(self, name, list(value) if isinstance(value, (list, tuple)) else value)
         super().__init__(tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id,
                          bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
         self._validate()
@@ -129,7 +179,8 @@ class SpikeLMConfig(PreTrainedConfig):
         if self.intermediate_size is None:
             self.intermediate_size = self.mlp_ratio * self.hidden_size
         positive_int("intermediate_size")
-        for name in ("tau", "rope_theta", "rms_norm_eps", "initializer_range"):
+        positive_int("head_max_spike")
+        for name in ("tau", "rope_theta", "rms_norm_eps", "initializer_range", "surrogate_alpha", "neuron_input_scale"):
             positive_float(name)
         if self.rope_theta < 1:  # a base below 1 turns the rotary frequencies upside down (and overflows them)
             raise ValueError(f"SpikeLMConfig.rope_theta must be >= 1 (the rotary base; 10000 is usual), "
@@ -144,16 +195,18 @@ class SpikeLMConfig(PreTrainedConfig):
         choice("lif_reset", ("hard", "soft"))
         flag("tie_word_embeddings")
         flag("use_cache")
-        r = self.decay_init_range
-        if not isinstance(r, list) or len(r) != 2 or not all(number(v) for v in r) or not 0 < r[0] <= r[1] < 1:
-            raise ValueError(f"SpikeLMConfig.decay_init_range must be [short, long] with 0 < short <= long < 1, got {r!r}")
-        for alpha in r:
-            # the DSN's initial conv bias is logit(alpha ** tau): it must be finite for every initial decay
-            p = alpha ** self.tau
-            if not 0 < p < 1:
-                raise ValueError(f"SpikeLMConfig.tau={self.tau!r} with decay_init_range={r!r}: the initial decay "
-                                 f"{alpha} needs sigmoid(bias) = {alpha}**tau, which rounds to {p!r}; choose tau "
-                                 "nearer 1 (the paper uses 0.25) or a decay_init_range further from 0 and 1")
+        choice("ssm_gate", SSM_GATES)
+        for name in ("decay_init_range", "core_decay_init_range"):
+            r = getattr(self, name)
+            if not isinstance(r, list) or len(r) != 2 or not all(number(v) for v in r) or not 0 < r[0] <= r[1] < 1:
+                raise ValueError(f"SpikeLMConfig.{name} must be [short, long] with 0 < short <= long < 1, got {r!r}")
+            for alpha in r:
+                # the DSN's initial conv bias is logit(alpha ** tau): it must be finite for every initial decay
+                p = alpha ** self.tau
+                if not 0 < p < 1:
+                    raise ValueError(f"SpikeLMConfig.tau={self.tau!r} with {name}={r!r}: the initial decay "
+                                     f"{alpha} needs sigmoid(bias) = {alpha}**tau, which rounds to {p!r}; choose tau "
+                                     "nearer 1 (the paper uses 0.25) or a range further from 0 and 1")
         if not number(self.lif_beta) or not 0 <= self.lif_beta < 1:
             raise ValueError(f"SpikeLMConfig.lif_beta must lie in [0, 1), got {self.lif_beta!r}")
         if self.block_types is None:
@@ -187,10 +240,26 @@ class SpikeLMConfig(PreTrainedConfig):
                 raise ValueError(f"SpikeLMConfig.{name} must be None or a token id in [0, vocab_size={self.vocab_size})"
                                  f"{' (or a list of them)' if name == 'eos_token_id' else ''}, got {v!r}")
 
+    @classmethod
+    def _dict_from_json_file(cls, json_file):
+        return _versioned(super()._dict_from_json_file(json_file))
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        return super().from_dict(_versioned(config_dict), **kwargs)
+
     def neuron_kwargs(self) -> dict:
         """The settings every NeuronLayer of the model is built with."""
         return dict(neuron_type=self.neuron_type, kernel_size=self.kernel_size, tau=self.tau,
                     max_spike=self.max_spike, spike_mode=self.spike_mode, surrogate=self.surrogate,
+                    surrogate_alpha=self.surrogate_alpha,
                     decay_init_range=tuple(self.decay_init_range),
                     psn_T=self.psn_T, sliding_psn_k=self.sliding_psn_k, lif_beta=self.lif_beta,
-                    lif_reset=self.lif_reset)
+                    lif_reset=self.lif_reset, input_scale=self.neuron_input_scale)
+
+
+def _versioned(config_dict: dict) -> dict:
+    """A serialized config without config_version was saved before versions existed: version 1."""
+    if "config_version" in config_dict:
+        return config_dict
+    return {**config_dict, "config_version": 1}

@@ -155,7 +155,9 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         layers = []
         for block_type in config.block_types:
             if block_type == "ssm":
-                block = SpikingSSMBlock(config.hidden_size, config.ssm_expand, config.intermediate_size, kw, eps)
+                core_kw = dict(kw, decay_init_range=tuple(config.core_decay_init_range))
+                block = SpikingSSMBlock(config.hidden_size, config.ssm_expand, config.intermediate_size, kw, eps,
+                                        core_neuron_kwargs=core_kw, gate=config.ssm_gate)
             else:
                 block = SpikingAttentionBlock(config.hidden_size, config.num_attention_heads, config.attention_window,
                                               config.rope_theta, config.intermediate_size, kw, eps)
@@ -166,7 +168,8 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
                 if hasattr(block, name):
                     getattr(block, name).is_residual_out = True
             block.mlp.fc2.is_residual_out = True
-        self.final_spikes = NeuronLayer(config.hidden_size, kw, eps)  # the LM head reads spikes too
+        # the LM head reads spikes too
+        self.final_spikes = NeuronLayer(config.hidden_size, dict(kw, max_spike=config.head_max_spike), eps)
         self.gradient_checkpointing = False
         self._compiled_decode = None  # compile_decoding(): a torch.compile'd one-token step
         self.post_init()

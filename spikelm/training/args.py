@@ -56,17 +56,20 @@ class TrainArgs:
     validation_split_percentage: float = _h("% of training documents held out when no validation data is given",
                                             5.0, "data")
     text_column: str = _h("column holding the text (.jsonl/.parquet/datasets)", "text", "data")
-    sample_by: str = _h("how a .txt file splits into documents: line, paragraph (blank lines) or document (file)",
-                        "paragraph", "data")
+    sample_by: str = _h("how a .txt file splits into documents: document (the whole file), paragraph (at every "
+                        "blank line: the model then restarts its state there) or line", "document", "data")
     document_start_pattern: str | None = _h("regex: a row matching it starts a new document and the rows after it "
-                                            "join it (WikiText: '^ = [^=]'); default: every row is a document",
-                                            None, "data")
+                                            "join it (WikiText: '^ = [^=]'; a .txt file's rows are then its lines); "
+                                            "default: every row is a document", None, "data")
+    document_separator: str | None = _h("a literal string between documents inside a text (dropped), e.g. "
+                                        "'<|endoftext|>' (in YAML, \"\\n\\n\\n\" for two blank lines)", None, "data")
     streaming: bool = _h("stream the data instead of loading it (needs max_steps)", False, "data")
     streaming_shuffle_buffer: int = _h("shuffle buffer of a streamed dataset (0: no shuffle)", 10000, "data")
     streaming_validation_documents: int = _h("documents held out from a stream when no validation data is given",
                                              200, "data")
     block_size: int = _h("tokens per training block", 512, "data")
-    max_eval_samples: int | None = _h("evaluate on at most this many validation blocks", None, "data")
+    max_eval_samples: int | None = _h("evaluate on at most this many validation blocks (evenly spaced over them)", None,
+                                        "data")
     preprocessing_num_workers: int | None = _h("processes for tokenising and packing", None, "data")
     cache_dir: str | None = _h("`datasets` cache folder (default: the HF cache)", None, "data")
     # ---- tokenizer

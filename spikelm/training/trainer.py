@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import (DataError, iter_packed_blocks, iter_texts, load_raw_datasets, pack_dataset, tokenize_dataset,
+from ..data import (DataError, evenly_spaced, iter_packed_blocks, iter_texts, load_raw_datasets, pack_dataset, tokenize_dataset,
                     train_bpe_tokenizer)
 from ..models import SpikeLMConfig, SpikeLMForCausalLM
 from .args import ConfigError, TrainArgs
@@ -78,7 +78,8 @@ def build_data(args: TrainArgs, accelerator) -> dict:
                                 validation_split_percentage=args.validation_split_percentage, streaming=args.streaming,
                                 streaming_validation_documents=args.streaming_validation_documents,
                                 seed=args.seed, cache_dir=args.cache_dir,
-                                document_start_pattern=args.document_start_pattern)
+                                document_start_pattern=args.document_start_pattern,
+                                document_separator=args.document_separator)
     return raw
 
 
@@ -99,7 +100,8 @@ def pack_splits(args: TrainArgs, raw: dict, tokenizer, accelerator):
                                 f"separators): lower --block_size or give more data")
         train, valid = packed["train"], packed.get("validation")
         if args.max_eval_samples and valid is not None and len(valid) > args.max_eval_samples:
-            valid = valid.select(range(args.max_eval_samples))
+            # spread over the whole split: validation files are often ordered by source or topic
+            valid = valid.select(evenly_spaced(len(valid), args.max_eval_samples))
         return train, valid
 
     def stream_of(ds, shuffle: bool):
@@ -117,7 +119,7 @@ def pack_splits(args: TrainArgs, raw: dict, tokenizer, accelerator):
         blocks = list(iter_packed_blocks(tokenize_dataset(raw["validation"], tokenizer, args.text_column,
                                                           streaming=True), eos, bs))
         if args.max_eval_samples:
-            blocks = blocks[:args.max_eval_samples]
+            blocks = [blocks[i] for i in evenly_spaced(len(blocks), args.max_eval_samples)]
         if not blocks:
             raise DataError(f"--block_size {bs} is larger than the validation data")
         valid = blocks
