@@ -45,6 +45,7 @@ from spikelm.eval.sparsity import SpikeDensityMonitor
 from spikelm.models import CACHE_NAME
 from spikelm.ops import record_backends
 from spikelm.ops.spike_linear import layouts_nbytes
+from timing import Stopwatch
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -163,12 +164,12 @@ def decode(model, prompt: torch.Tensor, n_tokens: int, checkpoints: list[int]):
     token = out.logits[:, -1:].argmax(-1)
     latencies, cpu_times, marks, tokens = [], [], {}, []
     for i in range(1, n_tokens + 1):
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = model(token, use_cache=True, **{CACHE_NAME: cache})
-        cache = out[CACHE_NAME]
-        token = out.logits[:, -1:].argmax(-1)
-        latencies.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
+        with Stopwatch() as sw:
+            out = model(token, use_cache=True, **{CACHE_NAME: cache})
+            cache = out[CACHE_NAME]
+            token = out.logits[:, -1:].argmax(-1)
+        latencies.append(sw.wall)
+        cpu_times.append(sw.cpu)
         tokens.append(int(token[0, 0]))
         if i in checkpoints:
             marks[i] = {"rss_mb": proc.memory_info().rss / 2**20, "cache_mb": _cache_bytes(cache) / 2**20,

@@ -31,6 +31,8 @@ from datetime import datetime, timezone
 
 import torch
 
+from timing import Stopwatch
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -88,9 +90,9 @@ def stream(m16, m32, prompt: torch.Tensor, n: int, bucket: int, seed: int) -> di
     timing, drift = _Buckets(bucket), []
     nonfinite_steps, it = 0, gen.generate(None)
     for i in range(n):
-        t, c = time.perf_counter(), time.process_time()
-        tokens.append(next(it))
-        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        with Stopwatch() as sw:
+            tokens.append(next(it))
+        wall, cpu = sw.wall, sw.cpu
         row = i % bucket
         nonfinite_steps += int(not torch.isfinite(gen.logits).all())
         logits16[row] = gen.logits.float()

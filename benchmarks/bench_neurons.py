@@ -22,17 +22,17 @@ import json
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scan import best_time, machine_info, sync  # noqa: E402
+from bench_scan import machine_info  # noqa: E402
 from spikelm.neurons import DSN, LIF, PSN, SlidingPSN  # noqa: E402
 from spikelm.ops import record_backends  # noqa: E402
 from spikelm.ops.dsn import BACKENDS as DSN_BACKENDS  # noqa: E402
+from timing import best_time, sync  # noqa: E402
 
 BUILDERS = {  # name -> neuron over C channels for sequences of T steps (the DSN on an ops.dsn backend)
     "DSN": lambda C, T, backend: DSN(C, backend=backend),

@@ -17,14 +17,15 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spikelm.ops import scan, triton_is_available  # noqa: E402
 from spikelm.ops.torch_scan import scan_backward, serial_scan_forward  # noqa: E402
+from timing import best_time, copy_bandwidth  # noqa: E402
 
 FWD_BYTES, FWD_BWD_BYTES = 12, 32  # per element, float32
 
@@ -49,38 +50,6 @@ def run_candidate(name, x, g):
     if name == "serial":
         return _SerialScan.apply(x, g)
     return scan(x, g, backend=name)[0]
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def best_time(fn, device, warmup, repeat, slow_s=float("inf")):
-    """Best of `repeat` timed runs after `warmup`; a single timed run when a warm-up took over slow_s."""
-    for _ in range(warmup):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        if time.perf_counter() - t0 > slow_s:
-            repeat = 1
-    walls, cpus = [], []
-    for _ in range(repeat):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        sync(device)
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return min(walls), min(cpus)  # wall seconds, and this process's CPU seconds (all its threads)
-
-
-def copy_bandwidth(device, n_bytes=1 << 30, repeat=10):
-    """GB/s of dst.copy_(src), counting read + write bytes."""
-    n = n_bytes // 8  # two float32 buffers of n_bytes / 2 each
-    src = torch.randn(n, device=device)
-    dst = torch.empty_like(src).fill_(0)  # touched once, so page faults are not timed
-    t, _ = best_time(lambda: dst.copy_(src), device, 2, repeat)
-    return 2 * 4 * n / t / 1e9
 
 
 def machine_info(device):

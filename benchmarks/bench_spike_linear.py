@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scan import machine_info  # noqa: E402
+from timing import best_time  # noqa: E402
 from spikelm.ops.spike_linear import c_kernel_available, spike_linear, transposed_weight  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -45,16 +45,15 @@ def spikes(rows: int, n_in: int, density: float, gen: torch.Generator, dtype) ->
 
 
 def time_per_call(fn, weights: list, calls: int, repeat: int) -> float:
-    """CPU seconds per call, best of repeat rounds of `calls` calls cycling through weights."""
-    for w in weights[: min(len(weights), 8)]:
-        fn(w)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.process_time()
+    """CPU seconds per call: the best of repeat rounds of `calls` calls cycling through weights (so that,
+    with enough weights, each call finds its weight out of cache)."""
+    def round_of_calls():
         for i in range(calls):
             fn(weights[i % len(weights)])
-        best = min(best, (time.process_time() - t0) / calls)
-    return best
+
+    for w in weights[: min(len(weights), 8)]:
+        fn(w)
+    return best_time(round_of_calls, "cpu", warmup=0, repeat=repeat)[1] / calls
 
 
 def crossover(densities, dense_s, sparse_s) -> float:

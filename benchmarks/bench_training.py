@@ -33,6 +33,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
+from timing import Stopwatch  # noqa: E402
 
 VOCAB, HIDDEN = 8192, 384
 
@@ -89,12 +90,12 @@ def time_steps(model, block: int, tokens: int, steps: int, warmup: int, budget_s
     times = []
     t_all = time.perf_counter()
     for i in range(warmup + steps):
-        t = time.perf_counter()
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t
+        with Stopwatch() as sw:
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        dt = sw.wall
         if i >= warmup:
             times.append(dt)
         elif time.perf_counter() - t_all > budget_s:  # too slow to warm up and still time it: keep this step

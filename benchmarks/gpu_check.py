@@ -30,49 +30,26 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spikelm.neurons import DSN, LIF, PSN, SlidingPSN, quantize_spikes  # noqa: E402
 from spikelm.ops import log_decay, record_backends, scan, triton_is_available  # noqa: E402
 from spikelm.ops.dsn import dsn_step  # noqa: E402
 from spikelm.ops import triton_scan  # noqa: E402
 from spikelm.ops.dsn.triton_backend import fused_op  # noqa: E402
+import timing  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEVICE = "cuda"  # --dry-run-cpu switches to the CPU (torch paths, tiny sizes) to check this script itself
 
 
-def sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
 def best_time(fn, warmup, repeat):
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeat):
-        if DEVICE == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            sync()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return min(times)
+    """Best wall seconds of fn() on DEVICE (benchmarks/timing.py: CUDA events on the GPU)."""
+    return timing.best_time(fn, DEVICE, warmup, repeat)[0]
 
 
-def copy_bandwidth(n_bytes=None, repeat=10):
-    """GB/s of dst.copy_(src) on the device, counting bytes read plus bytes written."""
-    n = (n_bytes or (2 << 30 if DEVICE == "cuda" else 1 << 26)) // 8
-    src = torch.randn(n, device=DEVICE)
-    dst = torch.zeros_like(src)
-    t = best_time(lambda: dst.copy_(src), 2, repeat)
-    del src, dst
-    return 2 * 4 * n / t / 1e9
+def copy_bandwidth(repeat=10):
+    """GB/s of a copy between two buffers on DEVICE, bytes read plus bytes written."""
+    return timing.copy_bandwidth(DEVICE, 2 << 30 if DEVICE == "cuda" else 1 << 26, repeat)
 
 
 def make_case(name, B, T, C, dtype):
