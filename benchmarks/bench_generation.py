@@ -234,12 +234,15 @@ def main() -> None:
             with SpikeDensityMonitor(model) as monitor:  # eager and dense: the density these weights and prompt give
                 decode(model, prompt, args.density_tokens, [])
             density = monitor.report()
-        t0 = time.perf_counter()
-        # warm-up, not timed below: for the compiled models their compilations, the last of which comes
-        # when the attention blocks' KV caches reach the window
-        decode(model, prompt, warmup, [])
-        warmup_s = time.perf_counter() - t0
+        # the warm-up runs inside record_backends too: the compiled step guards on whether backends are
+        # being recorded, so a warm-up outside it would leave the timed run to recompile
         with record_backends() as ran:
+            t0 = time.perf_counter()
+            # warm-up, not timed below: for the compiled models their compilations, the last of which comes
+            # when the attention blocks' KV caches reach the window
+            decode(model, prompt, warmup, [])
+            warmup_s = time.perf_counter() - t0
+            ran.clear()
             latencies, cpu_times, marks, tokens = decode(model, prompt, args.max_tokens, checkpoints)
         # on a shared machine wall time measures the neighbours too: with one thread, process CPU
         # time per token is the model's own cost
