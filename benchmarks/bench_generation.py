@@ -234,8 +234,6 @@ def main() -> None:
             with SpikeDensityMonitor(model) as monitor:  # eager and dense: the density these weights and prompt give
                 decode(model, prompt, args.density_tokens, [])
             density = monitor.report()
-        # the warm-up runs inside record_backends too: the compiled step guards on whether backends are
-        # being recorded, so a warm-up outside it would leave the timed run to recompile
         with record_backends() as ran:
             t0 = time.perf_counter()
             # warm-up, not timed below: for the compiled models their compilations, the last of which comes

@@ -48,7 +48,9 @@ def record_backends():
 
 def note_backend(op: str, backend: str) -> None:
     """Record that `op` runs on `backend` (called by the ops after they resolve their backend)."""
-    if not _recording or torch.compiler.is_compiling():  # dynamo folds is_compiling and skips the thread-local
+    # is_compiling first: dynamo folds it to True and never reads _recording, so a compiled graph does not
+    # guard on (and recompile for) whether a record_backends block is open
+    if torch.compiler.is_compiling() or not _recording:
         return
     for ran in getattr(_local, "logs", ()):
         ran.append((op, backend))
