@@ -9,6 +9,7 @@ from spikelm import SpikeLMCache, SpikeLMConfig, SpikeLMForCausalLM, SpikeLMMode
 from spikelm.data import train_bpe_tokenizer
 from spikelm.models import CACHE_NAME
 from spikelm.neurons import DSN
+from spikelm.ops import record_backends
 
 TINY = dict(vocab_size=97, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, attention_window=6,
             ssm_expand=2, mlp_ratio=2)
@@ -391,6 +392,10 @@ def test_compile_decoding_matches_eager_and_leaves_prefill_eager():
     assert calls, "the decoding steps never went through torch.compile"
     assert torch.equal(got.sequences, want.sequences)
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=1e-5, rtol=0)
+    compiles = len(calls)
+    with record_backends():  # the graphs do not depend on whether backends are being recorded
+        again = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert len(calls) == compiles and torch.equal(again, want.sequences)
     model.train()
     loss = model(ids, labels=ids).loss  # training and prefill stay eager (T > 1)
     loss.backward()
