@@ -136,7 +136,7 @@ async def stream(port: int, path: str, body: dict) -> dict:
 
 # -- helpers -----------------------------------------------------------------------------------------------------
 def passages(n: int, seed: int = 0) -> list[str]:
-    lines = [l.strip() for l in (ROOT / "data" / "paradise_lost.txt").read_text().splitlines() if len(l.strip()) > 30]
+    lines = [l.strip() for l in (ROOT / "data" / "paradise_lost_train.txt").read_text().splitlines() if len(l.strip()) > 30]
     rng = random.Random(seed)
     return [rng.choice(lines) for _ in range(n)]
 
@@ -154,7 +154,7 @@ def build_model(shape: str, folder: Path) -> Path:
     from spikelm.data import train_bpe_tokenizer
 
     cfg = yaml.safe_load((ROOT / "configs" / f"{shape}.yaml").read_text())
-    text = (ROOT / "data" / "paradise_lost.txt").read_text().split("\n\n")
+    text = (ROOT / "data" / "paradise_lost_train.txt").read_text().split("\n\n")
     tok = train_bpe_tokenizer(text, cfg["vocab_size"])
     fields = {k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "attention_window",
                                   "block_types", "max_spike") if k in cfg}
