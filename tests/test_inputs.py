@@ -138,6 +138,22 @@ def test_long_file_error_names_the_right_line(tmp_path):
     check_data_files([str(_write(tmp_path / "ok.txt", body))])
 
 
+def test_streaming_checks_only_the_head_of_each_file(tmp_path, monkeypatch):
+    """A stream must not scan a whole corpus before its first step: the head of each file is checked."""
+    import spikelm.data.loading as loading
+
+    monkeypatch.setattr(loading, "STREAMING_CHECK_BYTES", 1024)
+    late = _write(tmp_path / "late.jsonl", ('{"text": "fine"}\n' * 200 + "{not json\n").encode())
+    raw = load_raw_datasets(train_file=str(late), streaming=True, streaming_validation_documents=1,
+                            cache_dir=str(tmp_path / "c"))
+    assert raw["train"] is not None  # the bad line lies past the head: `datasets` meets it when it gets there
+    with pytest.raises(DataError, match="not valid JSON"):
+        load_raw_datasets(train_file=str(late), cache_dir=str(tmp_path / "c"))  # not streaming: every line
+    early = _write(tmp_path / "early.txt", b"caf\xe9\n" + b"fine text\n" * 500)
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_raw_datasets(train_file=str(early), streaming=True, cache_dir=str(tmp_path / "c"))
+
+
 def test_good_files_of_every_kind_load(tmp_path):
     txt = _write(tmp_path / "a.txt", GOOD_TEXT)
     jsonl = _write(tmp_path / "a.jsonl", '{"text": "one"}\n\n{"text": "two", "id": 2}\n{"text": null}\n')

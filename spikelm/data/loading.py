@@ -32,6 +32,7 @@ BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", 
 SAMPLE_BY = ("line", "paragraph", "document")
 # how bytes that are not UTF-8 are handled in text files: an error naming the file and line, or U+FFFD
 DECODE_ERRORS = ("strict", "replace")
+STREAMING_CHECK_BYTES = 64 << 20  # how much of each text / JSON-lines file is checked before streaming it
 
 
 class DataError(ValueError):
@@ -102,9 +103,11 @@ def _char_boundary(data: bytes) -> int:
     return len(data)
 
 
-def _check_utf8(path: str, what: str, decode_errors: str = "strict", json_file: bool = False) -> int:
+def _check_utf8(path: str, what: str, decode_errors: str = "strict", json_file: bool = False,
+                head_bytes: int | None = None) -> int:
     """Raise a DataError at the first NUL byte or (strict) non-UTF-8 byte, naming the line and byte offset;
-    returns how many byte sequences are not UTF-8 (decode_errors="replace" reads them as U+FFFD)."""
+    returns how many byte sequences are not UTF-8 (decode_errors="replace" reads them as U+FFFD). With
+    head_bytes, only (about) the first head_bytes of the file are read."""
     replaced = lines_before = offset = 0
     rest = b""
     with _open(path, what) as f:
@@ -131,12 +134,12 @@ def _check_utf8(path: str, what: str, decode_errors: str = "strict", json_file: 
                 replaced += piece.decode("utf-8", "replace").count("\ufffd") - piece.count("\ufffd".encode())
             lines_before += piece.count(b"\n")
             offset += len(piece)
-            if not block:
+            if not block or (head_bytes is not None and offset >= head_bytes):
                 return replaced
 
 
-def _check_text_file(path: str, what: str, decode_errors: str) -> None:
-    replaced = _check_utf8(path, what, decode_errors)
+def _check_text_file(path: str, what: str, decode_errors: str, head_bytes: int | None = None) -> None:
+    replaced = _check_utf8(path, what, decode_errors, head_bytes=head_bytes)
     if replaced:
         logger.warning("%s: %d byte sequence(s) that are not UTF-8 read as U+FFFD (decode_errors='replace')",
                        path, replaced)
@@ -177,14 +180,19 @@ def _json_lines_look_fine(path: str, text_column: str) -> bool:
     return True
 
 
-def _check_json_lines(path: str, text_column: str, what: str) -> None:
-    """JSON lines: the pyarrow fast path, else a line-by-line scan that names the first bad line."""
-    _check_utf8(path, what, json_file=True)
-    if _json_lines_look_fine(path, text_column):
+def _check_json_lines(path: str, text_column: str, what: str, head_bytes: int | None = None) -> None:
+    """JSON lines: the pyarrow fast path, else a line-by-line scan that names the first bad line (with
+    head_bytes: the lines that start within the first head_bytes, line by line)."""
+    _check_utf8(path, what, json_file=True, head_bytes=head_bytes)
+    if head_bytes is None and _json_lines_look_fine(path, text_column):
         return
-    found, keys = False, set()
+    found, keys, read, whole = False, set(), 0, True
     with _open(path, what) as f:
         for lineno, raw in enumerate(f, 1):
+            if head_bytes is not None and read >= head_bytes:
+                whole = False
+                break
+            read += len(raw)
             line = raw.decode("utf-8")
             if not line.strip():
                 continue  # `datasets` skips blank lines too
@@ -194,7 +202,7 @@ def _check_json_lines(path: str, text_column: str, what: str) -> None:
                 raise DataError(f"--{what}: {path!r}, line {lineno}, column {e.colno}: not valid JSON ({e.msg})") from None
             found |= _check_record(record, path, f"line {lineno}", text_column, what)
             keys.update(record)
-    if not found:
+    if not found and whole:
         raise _no_text_column(path, text_column, what, keys)
     # otherwise a difference pyarrow alone minds (e.g. another column's type changing): `datasets` copes
 
@@ -242,23 +250,24 @@ def _check_parquet_file(path: str, text_column: str, what: str) -> None:
 
 
 def check_data_files(files: list[str], text_column: str = "text", decode_errors: str = "strict",
-                     what: str = "train_file") -> None:
+                     what: str = "train_file", head_bytes: int | None = None) -> None:
     """Read every file once and raise a DataError naming the first problem (file, line, key or column).
 
     Text files must be UTF-8 (decode_errors="replace" reads other bytes as U+FFFD, with a warning)
     and hold no NUL byte (binary data, UTF-16 text); JSON files must be UTF-8 and parse (line by
     line for JSON lines), every record an object whose `text_column` is a string or null (a record
     without it holds no text, as in `datasets`), and some record must have it; Parquet files must
-    have a string column `text_column`.
+    have a string column `text_column`. head_bytes: check only about the first head_bytes of each text
+    and JSON-lines file (streaming reads the rest as it goes; a whole .json document is always read).
     """
     if decode_errors not in DECODE_ERRORS:
         raise DataError(f"decode_errors must be one of {DECODE_ERRORS}, got {decode_errors!r}")
     for path in files:
         ext = Path(path).suffix.lower()
         if BUILDERS[ext] == "text":
-            _check_text_file(path, what, decode_errors)
+            _check_text_file(path, what, decode_errors, head_bytes)
         elif ext == ".jsonl":
-            _check_json_lines(path, text_column, what)
+            _check_json_lines(path, text_column, what, head_bytes)
         elif ext == ".json":
             _check_json_file(path, text_column, what)
         else:
@@ -267,7 +276,8 @@ def check_data_files(files: list[str], text_column: str = "text", decode_errors:
 
 def _load_files(files: list[str], split: str, streaming: bool, sample_by: str, cache_dir, text_column: str,
                 decode_errors: str, what: str, by_line: bool = False):
-    check_data_files(files, text_column, decode_errors, what)
+    # streaming must not scan a whole corpus before the first step: check the head of each file
+    check_data_files(files, text_column, decode_errors, what, STREAMING_CHECK_BYTES if streaming else None)
     builder = _builder(files)
     # a start pattern groups a .txt file's lines: read them as rows (unless sample_by asks for paragraphs)
     if builder == "text" and by_line and sample_by == "document":
