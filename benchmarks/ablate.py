@@ -66,6 +66,8 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
     "atan_a1_gate_integer_lr5e-3": ("atan alpha 1, integer SSM gate, learning rate 5e-3",
                                     ["--surrogate", "atan", "--surrogate_alpha", "1.0", "--ssm_gate", "integer",
                                      "--learning_rate", "5e-3"], "spikelm"),
+    "v2_lr5e-3": ("config_version 2's defaults (atan surrogate, integer SSM gate) and learning rate 5e-3: "
+                  "configs/tiny.yaml now", ["--config_version", "2", "--learning_rate", "5e-3"], "spikelm"),
     "llama_standard": ("Llama, standard proportions, same parameters", [], "llama_standard"),
     "llama_same_depth": ("Llama, SpikeLM's depth, MLP widened", [], "llama_same_depth"),
     "plain": ("the base SpikeLM through a plain random-window loop", [], "plain"),

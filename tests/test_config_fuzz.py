@@ -121,7 +121,8 @@ INVALID = {
     "tau": st.one_of(BAD_POSITIVE_FLOAT, st.floats(1e4, 1e300), st.floats(1e-300, 1e-18)),  # alpha**tau rounds to 0 or 1
     "rope_theta": st.one_of(BAD_POSITIVE_FLOAT, st.floats(1e-300, 0.999)),
     **{f: st.one_of(NOT_A_NUMBER, st.floats(max_value=-1e-9)) for f in ("firing_loss_coef", "firing_loss_target")},
-    **{f: BAD_CHOICE for f in ("neuron_type", "spike_mode", "surrogate", "lif_reset")},
+    **{f: BAD_CHOICE for f in ("neuron_type", "spike_mode", "lif_reset")},
+    "surrogate": st.one_of(st.booleans(), st.integers(), st.text(max_size=6), st.lists(st.text(max_size=2), max_size=2)),
     **{f: st.one_of(st.floats(), st.text(max_size=3), st.lists(st.floats(allow_nan=True), max_size=4).filter(
         lambda r: not (len(r) == 2 and 0 < r[0] <= r[1] < 1))) for f in ("decay_init_range", "core_decay_init_range")},
     "decay_init_range": st.one_of(st.none(), st.floats(), st.text(max_size=3), st.lists(

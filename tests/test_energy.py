@@ -25,7 +25,7 @@ def _model(case: dict):
     torch.manual_seed(0)
     cfg = SpikeLMConfig(vocab_size=300, hidden_size=32, num_hidden_layers=len(case["block_types"]),
                         num_attention_heads=4, ssm_expand=2, mlp_ratio=2, psn_T=64, pad_token_id=0, eos_token_id=1,
-                        **case)
+                        config_version=1, **case)  # the pinned reports are of version 1's binary SSM gate
     return SpikeLMForCausalLM(cfg).eval()
 
 
@@ -38,6 +38,24 @@ def _inputs(case: dict) -> dict:
         mask[1, :5] = 0
         runs["padded"] = dict(input_ids=ids, attention_mask=mask)
     return runs
+
+
+@pytest.mark.parametrize("gate, mac, ac", [("binary", 0.0, 1.0), ("integer", 1.0, 0.0), ("none", None, None)])
+def test_ssm_gate_counts_a_select_a_product_or_nothing(gate, mac, ac):
+    """The gate y * g per element of the SSM core: binary g is a select (1 AC), integer g a product (1 MAC);
+    without a gate nothing is counted."""
+    torch.manual_seed(0)
+    cfg = SpikeLMConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, block_types=["ssm"], ssm_expand=2,
+                        mlp_ratio=2, ssm_gate=gate)
+    model = SpikeLMForCausalLM(cfg).eval()
+    with torch.inference_mode(), EnergyCounter(model) as counter:
+        model(torch.randint(0, 50, (1, 8)), use_cache=False)
+    cats = counter.report(tokens=8)["networks"]["spiking"]["by_category"]
+    if gate == "none":
+        assert "gate" not in cats
+    else:
+        inner = 2 * 16
+        assert cats["gate"]["mac_per_token"] == mac * inner and cats["gate"]["ac_per_token"] == ac * inner
 
 
 @pytest.mark.parametrize("case_key", CASES)

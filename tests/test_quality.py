@@ -20,12 +20,7 @@ from spikelm.models.configuration_spikelm import CONFIG_VERSION, VERSIONED_DEFAU
 V1_FIXTURE = ROOT / "tests" / "data" / "spikelm_v1"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------- documents
@@ -155,6 +150,9 @@ def test_config_versions():
     for name, value in VERSIONED_DEFAULTS[1].items():
         want = getattr(old, value.field) if isinstance(value, SameAs) else value
         assert getattr(old, name) == (list(want) if isinstance(want, tuple) else want), name
+    new = SpikeLMConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, max_spike=3)
+    assert (old.surrogate, old.ssm_gate) == ("rect", "binary") and (new.surrogate, new.ssm_gate) == ("atan", "integer")
+    assert SpikeLMConfig(config_version=1).ssm_gate == "binary"
     again = SpikeLMConfig.from_dict(SpikeLMConfig(config_version=1).to_dict())
     assert again.config_version == 1 and SpikeLMConfig.from_dict(SpikeLMConfig().to_dict()).config_version == CONFIG_VERSION
     with pytest.raises(ValueError, match="config_version"):

@@ -1,4 +1,4 @@
-"""Made with the code of commit eac9d20 (config without config_version): python make_v1.py OUT"""
+"""Made with the code of commit eac9d20 (config without config_version): python make_fixture.py OUT"""
 import sys, json, torch
 from safetensors.torch import save_file
 from spikelm import SpikeLMConfig, SpikeLMForCausalLM
