@@ -239,7 +239,7 @@ def test_unfolded_spikes_give_the_same_logits(tokenizer):
     model = make_model(tokenizer)
     ids = torch.randint(0, len(tokenizer), (1, 40))
     r = unfolding_check(model, ids)
-    assert r["unfolded_calls"] > 0 and r["dense_calls"] == 0 and r["substeps"] == 4
+    assert r["unfolded_calls"] > 0 and r["dense_calls"] == 0 and r["substeps"] == 4 <= r["max_substeps"]
     assert r["max_abs_logit_diff"] < 1e-5 and r["argmax_agreement"] == 1.0
     r64 = unfolding_check(model.double(), ids)
     assert r64["max_abs_logit_diff"] < 1e-12

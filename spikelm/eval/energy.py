@@ -226,18 +226,22 @@ def spiking_analysis(model, input_ids: torch.Tensor, mac_pj: float = MAC_PJ, ac_
 # -- deployment check: integer spikes unfolded into binary sub-steps -------------------------------
 @contextlib.contextmanager
 def unfolded_spikes(model: nn.Module, max_spike: int | None = None):
-    """Inside, every Linear fed by spikes computes sum_j W @ unfold_spikes(s, N)[j] (+ bias once): N binary
-    sub-steps whose spikes sum to s, as spike-only hardware would run it. Yields a dict of counters
-    ('unfolded_calls', 'dense_calls'). Linears fed by non-spike values run unchanged."""
+    """Inside, every Linear fed by spikes computes sum_j W @ unfold_spikes(s, M)[j] (+ bias once): M binary
+    sub-steps whose spikes sum to s, as spike-only hardware would run it. M is the neurons' N, or the
+    largest count the Linear reads where that is more (an integer SSM gate's product of two spike counts
+    reaches N^2). Yields a dict of counters ('unfolded_calls', 'dense_calls'; 'substeps': N,
+    'max_substeps': the largest M used). Linears fed by non-spike values run unchanged."""
     N = max_spike if max_spike is not None else int(getattr(model.config, "max_spike", 1))
-    stats = {"unfolded_calls": 0, "dense_calls": 0, "substeps": N}
+    stats = {"unfolded_calls": 0, "dense_calls": 0, "substeps": N, "max_substeps": 0}
     patched = []
 
     def forward(self, x):
-        if _is_spike_tensor(x) and (x.numel() == 0 or float(x.max()) <= N):
+        if _is_spike_tensor(x):
             stats["unfolded_calls"] += 1
+            m = max(N, int(x.max()) if x.numel() else 0)
+            stats["max_substeps"] = max(stats["max_substeps"], m)
             out = None
-            for sub in unfold_spikes(x, N):  # sub-step j: the binary events "spike > j"
+            for sub in unfold_spikes(x, m):  # sub-step j: the binary events "spike > j"
                 y = F.linear(sub, self.weight)
                 out = y if out is None else out + y
             return out if self.bias is None else out + self.bias
