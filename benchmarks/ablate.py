@@ -69,6 +69,8 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
     "v2_lr5e-3": ("config_version 2's defaults (atan surrogate, integer SSM gate) and learning rate 5e-3: "
                   "configs/tiny.yaml now", ["--config_version", "2", "--learning_rate", "5e-3"], "spikelm"),
     "llama_standard": ("Llama, standard proportions, same parameters", [], "llama_standard"),
+    "llama_standard_lr5e-3": ("Llama, standard proportions, same parameters, learning rate 5e-3",
+                              ["--learning_rate", "5e-3"], "llama_standard"),
     "llama_same_depth": ("Llama, SpikeLM's depth, MLP widened", [], "llama_same_depth"),
     "plain": ("the base SpikeLM through a plain random-window loop", [], "plain"),
 }
