@@ -290,6 +290,7 @@ BAD = [
     ("/v1/completions", {"model": NAME, "prompt": "x", "n": 2}, 400, "n"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "stop": 5}, 400, "stop"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "seed": "s"}, 400, "seed"),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "seed": 2**63}, 400, "seed"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "logprobs": 2}, 400, "logprobs"),
     ("/v1/completions", {"model": NAME, "prompt": [1, 99999]}, 400, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": "spike " * 200}, 400, "prompt"),
@@ -433,6 +434,21 @@ def test_a_busy_session_is_a_409(server, client):
         raise AssertionError("the session stayed busy after its client left")
 
 
+def test_a_bad_seed_is_a_400_and_the_running_stream_completes(server, client, reference):
+    prompt = "the spiking neuron"
+    want = reference_text_no_eos(reference, text_ids(reference, prompt), 300)
+    stream = iter(client.completions.create(model=NAME, prompt=prompt, max_tokens=300, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True}))
+    pieces = [next(stream).choices[0].text]
+    code, out = raw(server.url, "POST", "/v1/completions", {"model": NAME, "prompt": "x", "seed": 2**70,
+                                                             "session_id": "bad-seed"})
+    assert code == 400 and out["error"]["param"] == "seed", out
+    pieces += [c.choices[0].text for c in stream if c.choices]
+    assert "".join(pieces) == want
+    out = client.completions.create(model=NAME, prompt="x", max_tokens=2, extra_body={"session_id": "bad-seed"})
+    assert out.usage.completion_tokens == 2  # the session was never reserved
+
+
 # -- persistence ----------------------------------------------------------------------------------------------
 def test_kill_9_loses_no_conversation(killable, model_dir, reference):
     proc, url, state_dir = killable
@@ -539,6 +555,27 @@ def test_a_client_that_stops_reading_is_parked_not_waited_for(reference):
         engine.stop()
 
 
+def test_a_request_that_cannot_start_fails_alone_and_frees_its_session(reference, tmp_path):
+    """A seed torch.Generator refuses (the API refuses it first; the engine must not depend on that)."""
+    model, tok = reference
+    store = StateStore(tmp_path, model_fingerprint(model))
+    engine = Engine(model, tok, store)
+    ids = encode(tok, "the spiking")
+    good = engine.submit(GenerationRequest(ids, 20, ignore_eos=True))
+    store.acquire_session("s")
+    bad = engine.submit(GenerationRequest(ids, 20, seed=2**70, session_id="s"))
+    engine.start()  # both are admitted in one iteration, the good one first
+    try:
+        text, end = read_to_end(good, 30)
+        assert end[0] == "done" and text == reference_text_no_eos(reference, ids, 20)
+        _, end = read_to_end(bad, 30)
+        assert end[0] == "error" and end[1][0] == 500 and "ValueError" in end[1][1]
+        assert store.acquire_session("s") == 0  # released, not left busy
+    finally:
+        engine.stop()
+        store.close()
+
+
 def test_fresh_prompts_are_read_together_and_keep_their_states(reference, tmp_path):
     """Prompts that start fresh share one left-padded prefill, cut where a row keeps a state; each row's output
     and kept states are its own."""
@@ -570,12 +607,18 @@ def test_fresh_prompts_are_read_together_and_keep_their_states(reference, tmp_pa
 
 
 def read_all(channel, timeout=60) -> str:
+    return read_to_end(channel, timeout)[0]
+
+
+def read_to_end(channel, timeout=60) -> tuple[str, tuple]:
+    """(the text, the last event: ("done", info) or ("error", (status, message)))."""
     text, deadline = "", time.monotonic() + timeout
     while time.monotonic() < deadline:
         t, events = channel.get_sync(1)
         text += t
-        if any(e[0] in ("done", "error") for e in events):
-            return text
+        end = next((e for e in events if e[0] in ("done", "error")), None)
+        if end is not None:
+            return text, end
     raise TimeoutError("the request did not finish")
 
 

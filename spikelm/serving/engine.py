@@ -315,6 +315,9 @@ class Engine:
                 self._start(row)
             except StoreError as e:
                 self._fail(row, 500, str(e))
+            except Exception as e:  # noqa: BLE001  (one request that cannot start fails alone)
+                logger.exception("could not start a request")
+                self._fail(row, 500, f"could not start the request: {type(e).__name__}: {e}")
             self.counters["requests"] += 1
 
     def _start(self, row: _Row) -> None:
