@@ -537,6 +537,92 @@ def test_states_spill_to_disk_and_chains_keep_o1_states(reference, tmp_path):
     store.close()
 
 
+def one_state(reference, text):
+    model, tok = reference
+    ids = encode(tok, text)
+    with torch.no_grad():
+        return ids, model(torch.tensor([ids]), use_cache=True)[CACHE_NAME]
+
+
+def test_disk_bytes_count_each_file_once_across_session_commits(reference, tmp_path):
+    model, _ = reference
+    ids, cache = one_state(reference, "the spiking neuron fires")
+    store = StateStore(tmp_path, model_fingerprint(model))
+    store.put_prefix(ids, cache)[1].result()
+    for k in range(5):
+        assert store.commit_session("s", cache, k).result()
+        store.flush()
+        on_disk = sum(f.stat().st_size for f in tmp_path.rglob("*.safetensors"))
+        assert store.stats()["disk_bytes"] == on_disk, f"after commit {k + 1}"
+    store.close()
+
+
+def test_a_deleted_branch_no_longer_keeps_its_parent(reference, tmp_path):
+    """Two conversations branch from R. Once one branch's state is deleted (its chain moved on), R has one child
+    left, and the other chain prunes it like any other link."""
+    model, _ = reference
+    ids, cache = one_state(reference, "the spiking neuron fires when its membrane crosses the threshold")
+    store = StateStore(tmp_path, model_fingerprint(model))
+
+    def put(n, parent):
+        key, fut = store.put_prefix(ids[:n], cache, parent)
+        fut.result()
+        return key
+
+    root = put(1, None)
+    x1, x2 = put(2, root), put(3, root)
+    put(6, put(5, put(4, x2)))  # x2's chain: x2 is deleted, 3 links back
+    assert x2 not in store._prefix and store._prefix[root].children == 1
+    put(8, put(7, x1))  # x1's chain reaches root, 3 links back
+    assert root not in store._prefix
+    store.close()
+
+
+def test_a_state_file_deleted_meanwhile_is_a_plain_miss(reference, tmp_path, caplog):
+    model, _ = reference
+    ids, cache = one_state(reference, "the spiking neuron fires")
+    store = StateStore(tmp_path, model_fingerprint(model), memory_budget=1)  # states are read from their files
+    key = store.put_prefix(ids, cache)[0]
+    store.flush()
+    caplog.set_level("WARNING", logger="spikelm.serving")
+    entry = store._prefix[key]
+    with store._lock:
+        store._delete(entry)  # what _trim_disk does between a lookup and its load
+    store.flush()
+    assert store._load(entry) is None
+    store.put_prefix(ids, cache)[1].result()
+    (tmp_path / "prefix" / f"{key}.safetensors").unlink()
+    assert store.longest_prefix(ids + [5], 100)[0] == 0
+    assert key not in store._prefix and store.skipped["corrupt"] == 0 and "corrupt" not in caplog.text
+    assert not list(tmp_path.rglob("*.corrupt"))
+    store.close()
+
+
+def test_a_damaged_session_is_removed_and_starts_again_empty(reference, tmp_path):
+    model, tok = reference
+    store = StateStore(tmp_path, model_fingerprint(model), memory_budget=1)  # the session is read from its file
+    engine = Engine(model, tok, store)
+    engine.start()
+    try:
+        ids = encode(tok, "the spiking")
+        store.acquire_session("s")
+        assert read_to_end(engine.submit(GenerationRequest(ids, 4, session_id="s")))[1][0] == "done"
+        path = tmp_path / "sessions" / "s.safetensors"
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0xFF
+        path.write_bytes(bytes(data))
+        store.acquire_session("s")
+        _, end = read_to_end(engine.submit(GenerationRequest(ids, 4, session_id="s")))
+        assert end[0] == "error" and "has been removed" in end[1][1] and "starts again empty" in end[1][1]
+        assert store.session_info("s") is None  # what the message says: the session is gone
+        assert store.acquire_session("s") == 0
+        _, end = read_to_end(engine.submit(GenerationRequest(ids, 4, session_id="s")))
+        assert end[0] == "done" and end[1]["cached_tokens"] == 0
+    finally:
+        engine.stop()
+        store.close()
+
+
 # -- the engine's scheduling --------------------------------------------------------------------------------
 def test_a_client_that_stops_reading_is_parked_not_waited_for(reference):
     model, tok = reference
