@@ -191,7 +191,7 @@ def test_completion_stream_and_not_equal_the_streaming_generator(client, referen
     assert out.choices[0].text == want
     assert out.choices[0].finish_reason == ("length" if n == 24 else "stop")
     assert out.usage.prompt_tokens == len(text_ids(reference, prompt)) and out.usage.completion_tokens == n
-    assert out.model_extra["state_bytes"] > 0
+    assert out.model_extra["state_bytes"] > 0 and out.model_extra["state_saved"] is True
     pieces = []
     stream = client.completions.create(model=NAME, prompt=prompt, max_tokens=24, temperature=0, stream=True,
                                        stream_options={"include_usage": True})
@@ -657,6 +657,60 @@ def test_a_request_that_cannot_start_fails_alone_and_frees_its_session(reference
         _, end = read_to_end(bad, 30)
         assert end[0] == "error" and end[1][0] == 500 and "ValueError" in end[1][1]
         assert store.acquire_session("s") == 0  # released, not left busy
+    finally:
+        engine.stop()
+        store.close()
+
+
+def test_an_engine_failure_completes_replies_whose_end_state_is_pending(reference, tmp_path):
+    """The reply was sent, the state at its end is still being read (the client's text is not the model's
+    tokens): when the engine fails then, the reply completes without that state instead of hanging."""
+    model, tok = reference
+    store = StateStore(tmp_path, model_fingerprint(model))
+    engine = Engine(model, tok, store)
+    other = encode(tok, "a language model predicts the next token")
+    ch = engine.submit(GenerationRequest(encode(tok, "the spiking"), 4, end_ids=lambda text: other))
+    prefill = engine._prefill
+
+    def failing_prefill(budget):
+        if any(t.end for t in engine._prefills):
+            raise RuntimeError("injected engine failure")
+        prefill(budget)
+
+    engine._prefill = failing_prefill
+    engine.start()
+    try:
+        _, end = read_to_end(ch, 20)
+        assert end[0] == "done" and end[1]["completion_tokens"] == 4 and end[1]["state_saved"] is False
+        assert not store.has_prefix(other[:-1])
+    finally:
+        engine.stop()
+        store.close()
+
+
+def test_a_state_that_cannot_be_written_is_reported_and_kept_in_memory(reference, tmp_path, monkeypatch, caplog):
+    model, tok = reference
+    store = StateStore(tmp_path, model_fingerprint(model), memory_budget=1)  # only unsaved states stay in memory
+    engine = Engine(model, tok, store)
+    engine.start()
+    turns = [encode(tok, t) for t in ("the spiking", " neuron fires", " when")]
+
+    def turn(ids):
+        store.acquire_session("s")
+        return read_to_end(engine.submit(GenerationRequest(ids, 4, session_id="s")))[1]
+
+    try:
+        assert turn(turns[0])[1]["state_saved"] is True
+        caplog.set_level("WARNING", logger="spikelm.serving")
+        with monkeypatch.context() as m:
+            m.setattr("safetensors.torch.save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+            info = turn(turns[1])[1]
+        assert info["state_saved"] is False and "state_saved: false" in caplog.text
+        assert not (tmp_path / "sessions" / "s.safetensors").exists()  # the previous state's file is not kept
+        assert store.stats()["disk_bytes"] == sum(f.stat().st_size for f in tmp_path.rglob("*.safetensors"))
+        seen = info["prompt_tokens"] + info["completion_tokens"]
+        info = turn(turns[2])[1]  # resumes from the state in memory
+        assert info["state_saved"] is True and info["cached_tokens"] == seen - 1 and store.skipped["corrupt"] == 0
     finally:
         engine.stop()
         store.close()

@@ -277,6 +277,12 @@ class StateStore:
             tmp.unlink(missing_ok=True)
             with self._lock:
                 entry.writing -= 1
+                if entry.on_disk and self._entry_live(entry):
+                    # the file holds the session's previous state: removed, so that neither a restart nor
+                    # a reload after eviction resumes a state older than the conversation
+                    path.unlink(missing_ok=True)
+                    self._disk_bytes -= entry.file_bytes
+                    entry.on_disk = False
             return False
         with self._lock:
             entry.writing -= 1
