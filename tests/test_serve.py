@@ -191,7 +191,7 @@ def test_completion_stream_and_not_equal_the_streaming_generator(client, referen
     assert out.choices[0].text == want
     assert out.choices[0].finish_reason == ("length" if n == 24 else "stop")
     assert out.usage.prompt_tokens == len(text_ids(reference, prompt)) and out.usage.completion_tokens == n
-    assert out.model_extra["state_bytes"] > 0
+    assert out.model_extra["state_bytes"] > 0 and out.model_extra["state_saved"] is True
     pieces = []
     stream = client.completions.create(model=NAME, prompt=prompt, max_tokens=24, temperature=0, stream=True,
                                        stream_options={"include_usage": True})
@@ -290,6 +290,7 @@ BAD = [
     ("/v1/completions", {"model": NAME, "prompt": "x", "n": 2}, 400, "n"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "stop": 5}, 400, "stop"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "seed": "s"}, 400, "seed"),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "seed": 2**63}, 400, "seed"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "logprobs": 2}, 400, "logprobs"),
     ("/v1/completions", {"model": NAME, "prompt": [1, 99999]}, 400, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": "spike " * 200}, 400, "prompt"),
@@ -433,6 +434,21 @@ def test_a_busy_session_is_a_409(server, client):
         raise AssertionError("the session stayed busy after its client left")
 
 
+def test_a_bad_seed_is_a_400_and_the_running_stream_completes(server, client, reference):
+    prompt = "the spiking neuron"
+    want = reference_text_no_eos(reference, text_ids(reference, prompt), 64)
+    stream = iter(client.completions.create(model=NAME, prompt=prompt, max_tokens=64, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True}))
+    pieces = [next(stream).choices[0].text]
+    code, out = raw(server.url, "POST", "/v1/completions", {"model": NAME, "prompt": "x", "seed": 2**70,
+                                                             "session_id": "bad-seed"})
+    assert code == 400 and out["error"]["param"] == "seed", out
+    pieces += [c.choices[0].text for c in stream if c.choices]
+    assert "".join(pieces) == want
+    out = client.completions.create(model=NAME, prompt="x", max_tokens=2, extra_body={"session_id": "bad-seed"})
+    assert out.usage.completion_tokens == 2  # the session was never reserved
+
+
 # -- persistence ----------------------------------------------------------------------------------------------
 def test_kill_9_loses_no_conversation(killable, model_dir, reference):
     proc, url, state_dir = killable
@@ -521,6 +537,92 @@ def test_states_spill_to_disk_and_chains_keep_o1_states(reference, tmp_path):
     store.close()
 
 
+def one_state(reference, text):
+    model, tok = reference
+    ids = encode(tok, text)
+    with torch.no_grad():
+        return ids, model(torch.tensor([ids]), use_cache=True)[CACHE_NAME]
+
+
+def test_disk_bytes_count_each_file_once_across_session_commits(reference, tmp_path):
+    model, _ = reference
+    ids, cache = one_state(reference, "the spiking neuron fires")
+    store = StateStore(tmp_path, model_fingerprint(model))
+    store.put_prefix(ids, cache)[1].result()
+    for k in range(5):
+        assert store.commit_session("s", cache, k).result()
+        store.flush()
+        on_disk = sum(f.stat().st_size for f in tmp_path.rglob("*.safetensors"))
+        assert store.stats()["disk_bytes"] == on_disk, f"after commit {k + 1}"
+    store.close()
+
+
+def test_a_deleted_branch_no_longer_keeps_its_parent(reference, tmp_path):
+    """Two conversations branch from R. Once one branch's state is deleted (its chain moved on), R has one child
+    left, and the other chain prunes it like any other link."""
+    model, _ = reference
+    ids, cache = one_state(reference, "the spiking neuron fires when its membrane crosses the threshold")
+    store = StateStore(tmp_path, model_fingerprint(model))
+
+    def put(n, parent):
+        key, fut = store.put_prefix(ids[:n], cache, parent)
+        fut.result()
+        return key
+
+    root = put(1, None)
+    x1, x2 = put(2, root), put(3, root)
+    put(6, put(5, put(4, x2)))  # x2's chain: x2 is deleted, 3 links back
+    assert x2 not in store._prefix and store._prefix[root].children == 1
+    put(8, put(7, x1))  # x1's chain reaches root, 3 links back
+    assert root not in store._prefix
+    store.close()
+
+
+def test_a_state_file_deleted_meanwhile_is_a_plain_miss(reference, tmp_path, caplog):
+    model, _ = reference
+    ids, cache = one_state(reference, "the spiking neuron fires")
+    store = StateStore(tmp_path, model_fingerprint(model), memory_budget=1)  # states are read from their files
+    key = store.put_prefix(ids, cache)[0]
+    store.flush()
+    caplog.set_level("WARNING", logger="spikelm.serving")
+    entry = store._prefix[key]
+    with store._lock:
+        store._delete(entry)  # what _trim_disk does between a lookup and its load
+    store.flush()
+    assert store._load(entry) is None
+    store.put_prefix(ids, cache)[1].result()
+    (tmp_path / "prefix" / f"{key}.safetensors").unlink()
+    assert store.longest_prefix(ids + [5], 100)[0] == 0
+    assert key not in store._prefix and store.skipped["corrupt"] == 0 and "corrupt" not in caplog.text
+    assert not list(tmp_path.rglob("*.corrupt"))
+    store.close()
+
+
+def test_a_damaged_session_is_removed_and_starts_again_empty(reference, tmp_path):
+    model, tok = reference
+    store = StateStore(tmp_path, model_fingerprint(model), memory_budget=1)  # the session is read from its file
+    engine = Engine(model, tok, store)
+    engine.start()
+    try:
+        ids = encode(tok, "the spiking")
+        store.acquire_session("s")
+        assert read_to_end(engine.submit(GenerationRequest(ids, 4, session_id="s")))[1][0] == "done"
+        path = tmp_path / "sessions" / "s.safetensors"
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0xFF
+        path.write_bytes(bytes(data))
+        store.acquire_session("s")
+        _, end = read_to_end(engine.submit(GenerationRequest(ids, 4, session_id="s")))
+        assert end[0] == "error" and "has been removed" in end[1][1] and "starts again empty" in end[1][1]
+        assert store.session_info("s") is None  # what the message says: the session is gone
+        assert store.acquire_session("s") == 0
+        _, end = read_to_end(engine.submit(GenerationRequest(ids, 4, session_id="s")))
+        assert end[0] == "done" and end[1]["cached_tokens"] == 0
+    finally:
+        engine.stop()
+        store.close()
+
+
 # -- the engine's scheduling --------------------------------------------------------------------------------
 def test_a_client_that_stops_reading_is_parked_not_waited_for(reference):
     model, tok = reference
@@ -537,6 +639,81 @@ def test_a_client_that_stops_reading_is_parked_not_waited_for(reference):
         assert text == reference_text_no_eos(reference, fast_ids, 40)
     finally:
         engine.stop()
+
+
+def test_a_request_that_cannot_start_fails_alone_and_frees_its_session(reference, tmp_path):
+    """A seed torch.Generator refuses (the API refuses it first; the engine must not depend on that)."""
+    model, tok = reference
+    store = StateStore(tmp_path, model_fingerprint(model))
+    engine = Engine(model, tok, store)
+    ids = encode(tok, "the spiking")
+    good = engine.submit(GenerationRequest(ids, 20, ignore_eos=True))
+    store.acquire_session("s")
+    bad = engine.submit(GenerationRequest(ids, 20, seed=2**70, session_id="s"))
+    engine.start()  # both are admitted in one iteration, the good one first
+    try:
+        text, end = read_to_end(good, 30)
+        assert end[0] == "done" and text == reference_text_no_eos(reference, ids, 20)
+        _, end = read_to_end(bad, 30)
+        assert end[0] == "error" and end[1][0] == 500 and "ValueError" in end[1][1]
+        assert store.acquire_session("s") == 0  # released, not left busy
+    finally:
+        engine.stop()
+        store.close()
+
+
+def test_an_engine_failure_completes_replies_whose_end_state_is_pending(reference, tmp_path):
+    """The reply was sent, the state at its end is still being read (the client's text is not the model's
+    tokens): when the engine fails then, the reply completes without that state instead of hanging."""
+    model, tok = reference
+    store = StateStore(tmp_path, model_fingerprint(model))
+    engine = Engine(model, tok, store)
+    other = encode(tok, "a language model predicts the next token")
+    ch = engine.submit(GenerationRequest(encode(tok, "the spiking"), 4, end_ids=lambda text: other))
+    prefill = engine._prefill
+
+    def failing_prefill(budget):
+        if any(t.end for t in engine._prefills):
+            raise RuntimeError("injected engine failure")
+        prefill(budget)
+
+    engine._prefill = failing_prefill
+    engine.start()
+    try:
+        _, end = read_to_end(ch, 20)
+        assert end[0] == "done" and end[1]["completion_tokens"] == 4 and end[1]["state_saved"] is False
+        assert not store.has_prefix(other[:-1])
+    finally:
+        engine.stop()
+        store.close()
+
+
+def test_a_state_that_cannot_be_written_is_reported_and_kept_in_memory(reference, tmp_path, monkeypatch, caplog):
+    model, tok = reference
+    store = StateStore(tmp_path, model_fingerprint(model), memory_budget=1)  # only unsaved states stay in memory
+    engine = Engine(model, tok, store)
+    engine.start()
+    turns = [encode(tok, t) for t in ("the spiking", " neuron fires", " when")]
+
+    def turn(ids):
+        store.acquire_session("s")
+        return read_to_end(engine.submit(GenerationRequest(ids, 4, session_id="s")))[1]
+
+    try:
+        assert turn(turns[0])[1]["state_saved"] is True
+        caplog.set_level("WARNING", logger="spikelm.serving")
+        with monkeypatch.context() as m:
+            m.setattr("safetensors.torch.save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+            info = turn(turns[1])[1]
+        assert info["state_saved"] is False and "state_saved: false" in caplog.text
+        assert not (tmp_path / "sessions" / "s.safetensors").exists()  # the previous state's file is not kept
+        assert store.stats()["disk_bytes"] == sum(f.stat().st_size for f in tmp_path.rglob("*.safetensors"))
+        seen = info["prompt_tokens"] + info["completion_tokens"]
+        info = turn(turns[2])[1]  # resumes from the state in memory
+        assert info["state_saved"] is True and info["cached_tokens"] == seen - 1 and store.skipped["corrupt"] == 0
+    finally:
+        engine.stop()
+        store.close()
 
 
 def test_fresh_prompts_are_read_together_and_keep_their_states(reference, tmp_path):
@@ -570,12 +747,18 @@ def test_fresh_prompts_are_read_together_and_keep_their_states(reference, tmp_pa
 
 
 def read_all(channel, timeout=60) -> str:
+    return read_to_end(channel, timeout)[0]
+
+
+def read_to_end(channel, timeout=60) -> tuple[str, tuple]:
+    """(the text, the last event: ("done", info) or ("error", (status, message)))."""
     text, deadline = "", time.monotonic() + timeout
     while time.monotonic() < deadline:
         t, events = channel.get_sync(1)
         text += t
-        if any(e[0] in ("done", "error") for e in events):
-            return text
+        end = next((e for e in events if e[0] in ("done", "error")), None)
+        if end is not None:
+            return text, end
     raise TimeoutError("the request did not finish")
 
 

@@ -8,8 +8,9 @@
     GET  /v1/sessions/{id}       a session's token count and state size
     DELETE /v1/sessions/{id}     forget a session
 
-Responses add `state_bytes` (the size of the conversation's model state) and, with a session,
-`session_id` to OpenAI's fields; streams carry them in the usage chunk (stream_options.include_usage).
+Responses add `state_bytes` (the size of the conversation's model state), `state_saved` (false when a state
+the request keeps could not be computed or written to disk) and, with a session, `session_id` to OpenAI's
+fields; streams carry them in the usage chunk (stream_options.include_usage).
 """
 from __future__ import annotations
 
@@ -265,7 +266,7 @@ class _Shape:
                 "prompt_tokens_details": {"cached_tokens": info["cached_tokens"]}}
 
     def extras(self, info: dict) -> dict:
-        out = {"state_bytes": info["state_bytes"]}
+        out = {"state_bytes": info["state_bytes"], "state_saved": info["state_saved"]}
         if self.session_id is not None:
             out["session_id"] = self.session_id
         return out

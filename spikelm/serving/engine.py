@@ -183,6 +183,7 @@ class _Row:
     finish_reason: str | None = None
     futures: list[Future] = field(default_factory=list)
     pending_jobs: int = 0
+    state_lost: bool = False  # a state it keeps could not be computed
     state_bytes: int = 0
     started: bool = False  # has generated (a session then keeps what it generated)
 
@@ -315,6 +316,9 @@ class Engine:
                 self._start(row)
             except StoreError as e:
                 self._fail(row, 500, str(e))
+            except Exception as e:  # noqa: BLE001  (one request that cannot start fails alone)
+                logger.exception("could not start a request")
+                self._fail(row, 500, f"could not start the request: {type(e).__name__}: {e}")
             self.counters["requests"] += 1
 
     def _start(self, row: _Row) -> None:
@@ -367,6 +371,7 @@ class Engine:
                 logger.exception("prefill failed")
                 self._prefills.popleft()
                 if task.end:  # the reply was sent: only its end state is lost
+                    task.row.state_lost = True
                     self._job_done(task.row)
                 else:
                     self._fail(task.row, 500, f"the model failed on the prompt: {type(e).__name__}: {e}")
@@ -608,15 +613,23 @@ class Engine:
         futures = list(row.futures)
         info = {"finish_reason": row.finish_reason, "prompt_tokens": row.prompt_tokens,
                 "completion_tokens": len(row.gen), "cached_tokens": row.cached_tokens,
-                "state_bytes": row.state_bytes}
+                "state_bytes": row.state_bytes, "state_saved": not row.state_lost}
         remaining = [len(futures)]
         lock = threading.Lock()
 
-        def one_done(_=None):
+        def one_done(future: Future | None = None):
+            try:
+                saved = future is None or bool(future.result())  # a write's result: False when it failed
+            except Exception:  # noqa: BLE001
+                saved = False
             with lock:
                 remaining[0] -= 1
+                info["state_saved"] = info["state_saved"] and saved
                 last = remaining[0] <= 0
             if last:
+                if not info["state_saved"]:
+                    logger.warning("a request completed without all of its states saved (see the error above); "
+                                   "its response says state_saved: false")
                 row.req.channel.push(event=("done", info))
 
         if not futures:
@@ -632,10 +645,14 @@ class Engine:
 
     def _fail_all(self, message: str, status: int = 500) -> None:
         rows = self._rows + self._joining + self._parked + [t.row for t in self._prefills if not t.end]
+        ending = [t.row for t in self._prefills if t.end]  # replies sent, end states pending
         self._rows, self._joining, self._parked, self._batch = [], [], [], None
         self._prefills.clear()
         for row in rows:
             self._fail(row, status, message)
+        for row in ending:  # complete without the end state
+            row.state_lost = True
+            self._job_done(row)
         with self._lock:
             queued = list(self._queue) + list(self._inbox)
             self._queue.clear()

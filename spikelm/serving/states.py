@@ -277,6 +277,12 @@ class StateStore:
             tmp.unlink(missing_ok=True)
             with self._lock:
                 entry.writing -= 1
+                if entry.on_disk and self._entry_live(entry):
+                    # the file holds the session's previous state: removed, so that neither a restart nor
+                    # a reload after eviction resumes a state older than the conversation
+                    path.unlink(missing_ok=True)
+                    self._disk_bytes -= entry.file_bytes
+                    entry.on_disk = False
             return False
         with self._lock:
             entry.writing -= 1
@@ -299,7 +305,7 @@ class StateStore:
         return self._named(entry) is entry
 
     def _load(self, entry: _Entry) -> SpikeLMCache | None:
-        """entry's state from its file (checked), or None after moving a bad file aside."""
+        """entry's state from its file (checked), or None: the file is gone, or bad and moved aside."""
         path = self._path(entry)
         try:
             data = path.read_bytes()
@@ -313,6 +319,10 @@ class StateStore:
             cache = SpikeLMCache.from_state_dict(tensors, json.loads(meta["cache"]))
             if cache.batch_size != 1 or int(cache.positions[0]) != entry.tokens:
                 raise ValueError(f"holds {cache.positions.tolist()} tokens, its metadata says {entry.tokens}")
+        except FileNotFoundError:  # deleted meanwhile (_trim_disk, on the writer thread): a plain miss
+            with self._lock:
+                self._forget(entry)
+            return None
         except (ValueError, KeyError, TypeError, OSError, RuntimeError, json.JSONDecodeError) as e:
             with self._lock:
                 self._forget(entry)
@@ -358,6 +368,9 @@ class StateStore:
             self._lengths[entry.tokens] -= 1
             if not self._lengths[entry.tokens]:
                 del self._lengths[entry.tokens]
+            parent = self._prefix.get(entry.parent)
+            if parent is not None:
+                parent.children = max(0, parent.children - 1)
         else:
             del self._sessions[entry.name]
         if entry.cache is not None:
@@ -482,8 +495,8 @@ class StateStore:
             return SessionState(None, None, 0)
         cache = self._get(entry)
         if cache is None:
-            raise StoreError(f"the state of session {session_id!r} could not be read (its file is corrupt); "
-                             "delete the session and start it again")
+            raise StoreError(f"the saved state of session {session_id!r} could not be read (its file is missing or "
+                             "damaged) and has been removed: the session starts again empty with its next request")
         return SessionState(cache, entry.pending_token, entry.tokens)
 
     def commit_session(self, session_id: str, cache: SpikeLMCache, pending_token: int | None) -> Future:
@@ -497,9 +510,8 @@ class StateStore:
                            nbytes=cache.nbytes())
             if old is not None:
                 entry.on_disk, entry.file_bytes = old.on_disk, old.file_bytes
-                old.on_disk = False  # its file is entry's now: rewritten in place
+                old.on_disk = False  # its file (still counted in _disk_bytes) is entry's now: rewritten in place
                 self._forget(old)
-                self._disk_bytes += entry.file_bytes if entry.on_disk else 0
             self._sessions[session_id] = entry
             entry.writing += 1
             self._hold(entry, cache)
