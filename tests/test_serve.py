@@ -362,6 +362,9 @@ def test_a_disconnected_stream_frees_its_slot(strict_server):
         engine = health(strict_server.url)["engine"]
         return engine["running"] + engine["parked"]
 
+    deadline = time.monotonic() + 20
+    while holding() != 1 and time.monotonic() < deadline:  # stats are as of the engine's last iteration
+        time.sleep(0.05)
     assert holding() == 1
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
@@ -633,6 +636,9 @@ def test_a_client_that_stops_reading_is_parked_not_waited_for(reference):
         slow = engine.submit(GenerationRequest(slow_ids, 40, ignore_eos=True))
         fast = engine.submit(GenerationRequest(fast_ids, 40, ignore_eos=True))
         text = read_all(fast)  # the fast client reads everything, the slow one nothing
+        deadline = time.monotonic() + 10
+        while engine.stats()["parked"] != 1 and time.monotonic() < deadline:  # as of the engine's last iteration
+            time.sleep(0.05)
         assert engine.stats()["parked"] == 1 and slow.backlog <= 5
         slow_text = read_all(slow)
         assert slow_text == reference_text_no_eos(reference, slow_ids, 40)

@@ -240,6 +240,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.counters = {"requests": 0, "decode_steps": 0, "tokens_generated": 0, "prompt_tokens": 0,
                          "cached_tokens": 0, "grouped_prefills": 0, "errors": 0}
+        self._published = self._count()
 
     # -- public, any thread ----------------------------------------------------------------------
     def start(self) -> None:
@@ -266,9 +267,16 @@ class Engine:
         self._wakeup.set()
 
     def stats(self) -> dict:
+        """Counts as the worker left them after its last iteration (read mid-iteration, a row moving from one
+        list to another would be in neither), the queue as it is now, and the counters."""
+        with self._lock:
+            inbox = len(self._inbox)
+        return {**self._published, "queued": self._published["queued"] + inbox, "max_batch": self.max_batch,
+                **self.counters}
+
+    def _count(self) -> dict:
         return {"running": len(self._rows) + len(self._joining), "parked": len(self._parked),
-                "prefilling": sum(not p.end for p in self._prefills), "queued": len(self._queue) + len(self._inbox),
-                "max_batch": self.max_batch, **self.counters}
+                "prefilling": sum(not p.end for p in self._prefills), "queued": len(self._queue)}
 
     # -- the worker --------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -281,6 +289,7 @@ class Engine:
                     logger.exception("engine iteration failed")
                     self._fail_all("internal error in the engine (see the server log)")
                     busy = False
+                self._published = self._count()
                 if not busy:
                     if was_busy and _MALLOC_TRIM is not None:
                         _MALLOC_TRIM(0)
