@@ -67,25 +67,26 @@ def check_session_id(session_id) -> str:
     return session_id
 
 
+def _hash_tensors(h, tensors: dict[str, torch.Tensor], separator: str = ""):
+    """Feed each tensor's name, dtype, shape (then `separator`) and bytes to h, in name order."""
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}{separator}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h
+
+
 def model_fingerprint(model) -> str:
     """A hash of the model's configuration and weights (dtype included): states of another model never match."""
     h = hashlib.blake2b(digest_size=16)
     cfg = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return _hash_tensors(h, model.state_dict()).hexdigest()
 
 
 def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    # the ";" is part of the checksums saved state files carry
+    return _hash_tensors(hashlib.sha256(), tensors, ";").hexdigest()
 
 
 @dataclass(eq=False)
