@@ -33,7 +33,6 @@ import gc
 import json
 import os
 import platform
-import time
 from datetime import datetime, timezone
 
 import psutil
@@ -234,13 +233,12 @@ def main() -> None:
             with SpikeDensityMonitor(model) as monitor:  # eager and dense: the density these weights and prompt give
                 decode(model, prompt, args.density_tokens, [])
             density = monitor.report()
-        with record_backends() as ran:
-            t0 = time.perf_counter()
-            # warm-up, not timed below: for the compiled models their compilations, the last of which comes
-            # when the attention blocks' KV caches reach the window
+        # warm-up, not timed below: for the compiled models their compilations, the last of which comes
+        # when the attention blocks' KV caches reach the window
+        with Stopwatch() as sw:
             decode(model, prompt, warmup, [])
-            warmup_s = time.perf_counter() - t0
-            ran.clear()
+        warmup_s = sw.wall
+        with record_backends() as ran:
             latencies, cpu_times, marks, tokens = decode(model, prompt, args.max_tokens, checkpoints)
         # on a shared machine wall time measures the neighbours too: with one thread, process CPU
         # time per token is the model's own cost
