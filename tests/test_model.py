@@ -401,6 +401,18 @@ def test_compile_decoding_matches_eager_and_leaves_prefill_eager():
     loss.backward()
 
 
+def test_compile_decoding_uses_inductors_cpp_wrapper_on_cpu_unless_told_otherwise(monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: (seen.append(kwargs), fn)[1])
+    model = tiny_model()
+    model.compile_decoding()
+    model.compile_decoding(mode="max-autotune-no-cudagraphs")
+    model.compile_decoding(backend="aot_eager")
+    model.compile_decoding(options={"cpp_wrapper": False}, dynamic=True)
+    assert seen == [{"options": {"cpp_wrapper": True}}, {"mode": "max-autotune-no-cudagraphs"},
+                    {"backend": "aot_eager"}, {"options": {"cpp_wrapper": False}, "dynamic": True}]
+
+
 def test_firing_loss_adds_the_mean_spike_count_in_training_only():
     """firing_loss_coef c: training loss = cross-entropy + c x mean spikes per neuron-step (what
     FiringRateMonitor counts), with gradients through the spikes' surrogate, also under both kinds

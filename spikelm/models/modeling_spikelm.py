@@ -184,8 +184,12 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         blocks' KV caches first grow (their length then becomes a dynamic dimension, so filling the
         window does not recompile again). Prefill, training and steps that return every layer's hidden
         states stay eager. Decoding agrees with eager decoding to float32 rounding. compile_kwargs go
-        to torch.compile.
+        to torch.compile. On CPU, unless they choose the backend, mode or options, Inductor writes the
+        step's wrapper in C++ (cpp_wrapper): its Python wrapper costs microseconds per kernel launch
+        and per custom-op call, which is most of a small model's step once the weights are read sparsely.
         """
+        if not {"backend", "mode", "options"} & compile_kwargs.keys() and self.embed_tokens.weight.device.type == "cpu":
+            compile_kwargs["options"] = {"cpp_wrapper": True}
         self._compiled_decode = torch.compile(self._decode_layers, **compile_kwargs)
 
     def _decode_layers(self, hidden: torch.Tensor, ctx: SequenceContext, states: list, final_state):
