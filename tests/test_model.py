@@ -409,8 +409,26 @@ def test_compile_decoding_uses_inductors_cpp_wrapper_on_cpu_unless_told_otherwis
     model.compile_decoding(mode="max-autotune-no-cudagraphs")
     model.compile_decoding(backend="aot_eager")
     model.compile_decoding(options={"cpp_wrapper": False}, dynamic=True)
+    model.to("meta").compile_decoding()  # not a CPU model: torch.compile's own defaults
     assert seen == [{"options": {"cpp_wrapper": True}}, {"mode": "max-autotune-no-cudagraphs"},
-                    {"backend": "aot_eager"}, {"options": {"cpp_wrapper": False}, "dynamic": True}]
+                    {"backend": "aot_eager"}, {"options": {"cpp_wrapper": False}, "dynamic": True}, {}]
+
+
+@pytest.mark.slow
+def test_compile_decoding_default_inductor_build_matches_eager_with_sparse_linears():
+    """The default path end to end: Inductor with its C++ wrapper, the sparse op inside the graph."""
+    model = tiny_model(block_types=["ssm", "attention", "ssm", "ssm"], attention_window=6)
+    model.set_sparse_inference("on")
+    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(max_new_tokens=10, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    want = model.generate(ids, **kwargs)
+    model.compile_decoding()
+    with record_backends() as ran:
+        got = model.generate(ids, **kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=1e-4, rtol=0)
+    # the graph calls the op's CPU kernel at run time: the C walk ran, never the dense fallback
+    assert ("spike_linear", "c") in ran and ("spike_linear", "dense") not in ran
 
 
 def test_firing_loss_adds_the_mean_spike_count_in_training_only():

@@ -180,12 +180,12 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         A decoding step is hundreds of tiny ops (each neuron's conv taps, decay, membrane and spike), so
         eager PyTorch spends it in per-op overhead; Inductor fuses the elementwise work into a few
         kernels, and one graph for the whole step pays one guard check per token. The first steps
-        compile (seconds to a minute on a CPU, cached on disk), and once more when the attention
+        compile (up to a few minutes on a CPU, cached on disk), and once more when the attention
         blocks' KV caches first grow (their length then becomes a dynamic dimension, so filling the
         window does not recompile again). Prefill, training and steps that return every layer's hidden
         states stay eager. Decoding agrees with eager decoding to float32 rounding. compile_kwargs go
-        to torch.compile. On CPU, unless they choose the backend, mode or options, Inductor writes the
-        step's wrapper in C++ (cpp_wrapper): its Python wrapper costs microseconds per kernel launch
+        to torch.compile. For a model on CPU when this is called, unless they choose the backend, mode
+        or options, Inductor writes the step's wrapper in C++ (cpp_wrapper): its Python wrapper costs microseconds per kernel launch
         and per custom-op call, which is most of a small model's step once the weights are read sparsely.
         """
         if not {"backend", "mode", "options"} & compile_kwargs.keys() and self.embed_tokens.weight.device.type == "cpu":
