@@ -185,8 +185,9 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         window does not recompile again). Prefill, training and steps that return every layer's hidden
         states stay eager. Decoding agrees with eager decoding to float32 rounding. compile_kwargs go
         to torch.compile. For a model on CPU when this is called, unless they choose the backend, mode
-        or options, Inductor writes the step's wrapper in C++ (cpp_wrapper): its Python wrapper costs microseconds per kernel launch
-        and per custom-op call, which is most of a small model's step once the weights are read sparsely.
+        or options, Inductor writes the step's wrapper in C++ (cpp_wrapper): its Python wrapper costs
+        microseconds per kernel launch and per custom-op call, a large share of a small model's step
+        once the weights are read sparsely.
         """
         if not {"backend", "mode", "options"} & compile_kwargs.keys() and self.embed_tokens.weight.device.type == "cpu":
             compile_kwargs["options"] = {"cpp_wrapper": True}
