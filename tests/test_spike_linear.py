@@ -1,13 +1,16 @@
-"""The event-driven linear op (ops/spike_linear.py, csrc/spike_linear.c), SpikeLinear and sparse decoding.
+"""The event-driven linear op (ops/spike_linear.py, csrc/spike_linear*.c*), SpikeLinear and sparse decoding.
 
 The op against dense F.linear (float32 rounding only) and the float64 reference, over empty and full
 spike vectors, every spike value, odd sizes, batch > 1, float32/bfloat16 weights; which backend ran
-(C kernel, torch fallback for float16 weights and where the C kernel does not load, dense above
-the crossover); torch.compile without a graph break; and greedy decoding
+(the C++ kernel, the torch kernel, which the op gets where the C++ one does not build, dense above
+the crossover); the kernels' weight layouts; torch.compile without a graph break; and greedy decoding
 of a briefly trained model (realistically sparse spikes) giving the same tokens sparse and dense.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +22,9 @@ from spikelm.layers import SpikeLinear, set_sparse_mode
 from spikelm.layers.spike_linear import AUTO_MAX_ROWS, crossover_density
 from spikelm.models import CACHE_NAME
 from spikelm.ops import record_backends
-from spikelm.ops.spike_linear import (_LAYOUTS, LIBRARY, c_kernel_available, naive_spike_linear,
-                                      quantize_int8, spike_linear, transposed_weight)
+from spikelm.ops.spike_linear import (_LAYOUTS, c_kernel_available, kernel_calls, layouts_nbytes,
+                                      naive_spike_linear, op_kernel, quantize_int8, spike_linear,
+                                      torch_spike_linear, transposed_weight)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,10 +120,13 @@ def test_bfloat16_weights():
     check_close(got16, s, w.float(), b16.float(), rtol=4e-3)  # the bfloat16 output's rounding (2^-9)
 
 
-def test_float16_weights_use_the_torch_fallback():
+def test_float16_weights_dense_in_the_c_kernel_sparse_in_the_torch_one():
     w = torch.randn(40, 24).half()
     s = random_spikes((2, 24), 0.4)
     got, ran = backend_of(lambda: spike_linear(s.half(), w))
+    assert ran == {"dense" if c_kernel_available() else "torch"} and got.dtype == torch.float16
+    check_close(got, s, w.float(), rtol=2e-3)
+    got, ran = backend_of(lambda: torch_spike_linear(s.half(), w, None, 1.0))
     assert ran == {"torch"} and got.dtype == torch.float16
     check_close(got, s, w.float(), rtol=2e-3)
 
@@ -136,16 +143,36 @@ def test_too_dense_runs_dense():
     assert torch.equal(got, F.linear(s, w))
 
 
-def test_transposed_layout_follows_the_weight():
-    """The [in, out] copy is made once, remade after an in-place change, dropped with the weight."""
+@pytest.mark.skipif(not c_kernel_available(), reason="the C++ kernel does not build here")
+def test_c_kernel_layouts_follow_the_weight():
+    """The C++ kernel's [in, out] copy: made on the first sparse call, remade after an in-place change (same
+    bytes held), dropped with the weight; none for a call that runs dense."""
+    base = layouts_nbytes()
     w = torch.randn(30, 20)
     s = random_spikes((1, 20), 0.5)
-    spike_linear(s, w)
+    spike_linear(s, w, max_density=0.0)  # too dense for the walk: no layout made
+    assert layouts_nbytes() == base
+    check_close(spike_linear(s, w), s, w)
+    assert layouts_nbytes() == base + 30 * 20 * 4
+    with torch.no_grad():
+        w.mul_(-2.0)
+    check_close(spike_linear(s, w), s, w)
+    spike_linear(s, w, int8=True)
+    assert layouts_nbytes() == base + 30 * 20 * 4 + 30 * 20 + 30 * 4  # + int8 weights and a scale per output
+    del w
+    assert layouts_nbytes() == base
+
+
+def test_torch_kernel_layout_follows_the_weight():
+    """The torch kernel's [in, out] copy is made once, remade after an in-place change, dropped with the weight."""
+    w = torch.randn(30, 20)
+    s = random_spikes((1, 20), 0.5)
+    torch_spike_linear(s, w, None, 1.0)
     wt = transposed_weight(w)
     assert wt.shape == (20, 30) and wt.is_contiguous() and transposed_weight(w) is wt
     with torch.no_grad():
         w.mul_(-2.0)
-    check_close(spike_linear(s, w), s, w)
+    check_close(torch_spike_linear(s, w, None, 1.0), s, w)
     assert transposed_weight(w) is not wt
     key = (id(w), "transposed")
     del w, wt
@@ -174,12 +201,11 @@ def test_int8_weights_integer_accumulates(rows):
     assert ran == {"dense"} and torch.equal(got, F.linear(s_half, w, b))
 
 
-def test_int8_torch_fallback(monkeypatch):
-    monkeypatch.setattr(LIBRARY, "load", lambda: None)
+def test_int8_torch_kernel():
     w = torch.randn(40, 24)
     s = random_spikes((2, 24), 0.5)
     q, scale = quantize_int8(w)
-    got, ran = backend_of(lambda: spike_linear(s, w, int8=True))
+    got, ran = backend_of(lambda: torch_spike_linear(s, w, None, 1.0, True))
     assert ran == {"torch_int8"}
     torch.testing.assert_close(got.double(), (s.double() @ q.double()) * scale.double(), rtol=1e-6, atol=1e-5)
 
@@ -194,18 +220,34 @@ def test_errors_name_the_problem():
         spike_linear(torch.zeros(2, 6), w.requires_grad_())
 
 
-def test_torch_fallback_without_the_c_kernel(monkeypatch):
-    """Where the C kernel does not load (no compiler, SPIKELM_CPU_KERNEL=0), the torch path runs, same results."""
-    monkeypatch.setattr(LIBRARY, "load", lambda: None)
+def test_torch_kernel_same_results():
+    """The kernel where the C++ one cannot be built (no compiler, SPIKELM_CPU_KERNEL=0): same results."""
     gen = torch.Generator().manual_seed(3)
     w, b = torch.randn(65, 33, generator=gen), torch.randn(65, generator=gen)
     s = random_spikes((3, 33), 0.3, gen=gen)
     for dtype in (torch.float32, torch.bfloat16):
-        got, ran = backend_of(lambda: spike_linear(s, w.to(dtype), b.to(dtype)))
+        got, ran = backend_of(lambda: torch_spike_linear(s, w.to(dtype), b.to(dtype), 1.0))
         assert ran == {"torch"}
         check_close(got, s, w.to(dtype).float(), b.to(dtype).float())
-    got, ran = backend_of(lambda: spike_linear(s, w, max_density=0.1))
+        torch.testing.assert_close(got, spike_linear(s, w.to(dtype), b.to(dtype)), rtol=1e-5, atol=1e-4)
+    got, ran = backend_of(lambda: torch_spike_linear(s, w, None, 0.1))
     assert ran == {"dense"} and torch.equal(got, F.linear(s, w))
+
+
+def test_without_the_c_kernel_the_op_gets_the_torch_kernel():
+    """SPIKELM_CPU_KERNEL=0 (as where nothing compiles): the op registers the torch kernel, eager and compiled."""
+    code = ("import torch, torch.nn.functional as F\n"
+            "from spikelm.ops.spike_linear import spike_linear, op_kernel, kernel_calls\n"
+            "w, s = torch.randn(24, 16), (torch.rand(2, 16) < 0.3).float() * 2\n"
+            "f = torch.compile(lambda x: spike_linear(x, w) * 2.0, fullgraph=True, backend='aot_eager')\n"
+            "with torch.no_grad(): y, z = spike_linear(s, w), f(s)\n"
+            "torch.testing.assert_close(y, F.linear(s, w), rtol=1e-5, atol=1e-5)\n"
+            "torch.testing.assert_close(z, 2 * F.linear(s, w), rtol=1e-5, atol=1e-5)\n"
+            "print(op_kernel(), kernel_calls()['torch'])\n")
+    env = dict(os.environ, SPIKELM_CPU_KERNEL="0")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["torch", "2"]
 
 
 def test_op_registration_and_compile_without_graph_break():
@@ -218,8 +260,9 @@ def test_op_registration_and_compile_without_graph_break():
     set_sparse_mode(layer, "on")
     compiled = torch.compile(lambda x: layer(x) * 2.0, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
-        got, ran = backend_of(lambda: compiled(s))
-    assert ran == {"c" if c_kernel_available() else "torch"}
+        before = kernel_calls()[op_kernel()]
+        got = compiled(s)
+    assert kernel_calls()[op_kernel()] == before + 1  # the graph ran the op's kernel
     torch.testing.assert_close(got, F.linear(s, layer.weight, layer.bias) * 2.0, rtol=1e-5, atol=1e-5)
 
 

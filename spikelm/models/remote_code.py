@@ -109,8 +109,9 @@ def closure() -> list[str]:
 
 
 def _csrc_module() -> str:
-    sources = {p.name: p.read_text(encoding="utf-8") for p in sorted((PACKAGE_DIR / "ops" / "csrc").glob("*.c"))}
-    return ('"""The C kernels\' sources (generated from spikelm/ops/csrc when the model was saved)."""\n'
+    csrc = PACKAGE_DIR / "ops" / "csrc"
+    sources = {p.name: p.read_text(encoding="utf-8") for p in sorted([*csrc.glob("*.c"), *csrc.glob("*.cpp")])}
+    return ('"""The CPU kernels\' sources (generated from spikelm/ops/csrc when the model was saved)."""\n'
             f"SOURCES = {sources!r}\n")
 
 

@@ -46,6 +46,11 @@ def record_backends():
         logs.remove(ran)
 
 
+def is_recording() -> bool:
+    """Whether a record_backends block is open in any thread (ops whose kernels cannot note, ask first)."""
+    return bool(_recording)
+
+
 def note_backend(op: str, backend: str) -> None:
     """Record that `op` runs on `backend` (called by the ops after they resolve their backend)."""
     # is_compiling first: dynamo folds it to True and never reads _recording, so a compiled graph does not

@@ -18,21 +18,23 @@ int8=True reads instead an int8 copy with one float32 scale per output feature (
 the same way: a quarter of a float32 weight's bytes plus 4 bytes per output feature): the synaptic
 work is integer accumulates (spike count x int8 weight into int32, exact), scaled once per output.
 
-Backends, chosen per call:
-- "c": csrc/spike_linear.c, built on first use by ops/cbuild.py (float32 or bfloat16 weights,
-  float32 accumulation; or int8 weights, int32 accumulation; SIMD over output features, OpenMP over
-  output tiles where there is enough work).
-- "torch": the fallback when the C kernel is unavailable (no compiler, SPIKELM_CPU_KERNEL=0) or the
-  weight is another dtype: the fired columns gathered, then one dense matmul over them.
-- "dense": F.linear, when more than max_density of the inputs fired (the sparse walk would not pay).
-Each call notes the one that ran as ("spike_linear", "c" | "torch" | "dense", with "_int8" for int8
-products) for `spikelm.ops.record_backends`. `naive_spike_linear`
-is the float64 reference (one Python loop per row over the inputs that fired).
+Kernels. The op's CPU kernel is chosen once per process, when the op is first called or traced:
+- "c": csrc/spike_linear_op.cpp around csrc/spike_linear.c, built on first use by ops/cbuild.py
+  against the installed torch (float32 or bfloat16 weights, float32 accumulation; or int8 weights,
+  int32 accumulation; SIMD over output features, OpenMP over output tiles where there is enough
+  work). A C++ kernel, so a decoding step reaches it without a Python call: eager through the
+  dispatcher, compiled straight from Inductor's C++ wrapper. Weights of other dtypes (float16,
+  float64) take the dense product.
+- "torch": where the C++ kernel cannot be built (no compiler, SPIKELM_CPU_KERNEL=0), a Python
+  kernel: the fired columns gathered, then one dense matmul over them (any weight dtype).
+Either runs "dense" (F.linear) when more than max_density of the inputs fired (the sparse walk would
+not pay). Eager calls note the one that ran as ("spike_linear", "c" | "torch" | "dense", with
+"_int8" for int8 products) for `spikelm.ops.record_backends`; `kernel_calls()` counts them per
+thread, compiled graphs included. `naive_spike_linear` is the float64 reference (one Python loop per
+row over the inputs that fired).
 
-`spike_linear` is the torch.library op `spikelm::spike_linear` (ops/registry.py names the namespace) (CPU kernel + fake kernel), so it
-sits in a torch.compile graph as one node without a graph break. It is registered through
-torch.library.Library rather than the @custom_op decorator: the decorator's Python dispatch cost
-~60-80 us per call here against ~5 us, which at 57 calls per token would eat the saving.
+`spike_linear` is the torch.library op `spikelm::spike_linear` (ops/registry.py names the namespace),
+with a fake kernel, so it sits in a torch.compile graph as one node without a graph break.
 """
 from __future__ import annotations
 
@@ -47,22 +49,24 @@ from .backends import note_backend
 from .cbuild import CSRC, CLibrary
 from .registry import NAMESPACE, op_name
 
-SOURCE = CSRC / "spike_linear.c"
-_C_WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+from .backends import is_recording, note_backend
+from .cbuild import CSRC, CLibrary
+from .registry import NAMESPACE, op_name
 
-
-# spike_linear's return codes (csrc/spike_linear.c); >= 0 is the number of input features that fired
-_TOO_DENSE, _NEED_WEIGHTS, _NO_MEMORY, _NOT_INTEGER = -1, -2, -3, -4
+SOURCES = [CSRC / "spike_linear.c", CSRC / "spike_linear_op.cpp"]
+_C_BACKENDS = ("c", "c_int8", "dense")  # the order of spikelm_spike_linear_backend_counts
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.spike_linear.argtypes = [P, I64, I64, P, I, I64, P, P, I64, I]
-    lib.spike_linear_int8.argtypes = [P, I64, I64, P, P, I64, P, P, I64, I]
-    lib.spike_linear.restype = lib.spike_linear_int8.restype = I64
+    lib.spikelm_register_spike_linear.argtypes = [ctypes.c_char_p]
+    lib.spikelm_register_spike_linear.restype = ctypes.c_int
+    lib.spikelm_spike_linear_backend_counts.argtypes = [ctypes.c_void_p]
+    lib.spikelm_spike_linear_backend_counts.restype = None
+    lib.spikelm_layouts_nbytes.argtypes = []
+    lib.spikelm_layouts_nbytes.restype = ctypes.c_int64
 
 
-LIBRARY = CLibrary("spike_linear", SOURCE, _declare)
+LIBRARY = CLibrary("spike_linear", SOURCES, _declare)
 
 
 def c_kernel_available() -> bool:
@@ -70,7 +74,7 @@ def c_kernel_available() -> bool:
     return LIBRARY.available()
 
 
-# -- the weight layouts ------------------------------------------------------------------------
+# -- the torch path's weight layouts ----------------------------------------------------------------
 _LAYOUTS: dict[tuple[int, str], tuple] = {}  # (id(weight), kind) -> (weakref, version, layout)
 _LAYOUTS_LOCK = threading.Lock()
 
@@ -84,7 +88,8 @@ def _version(t: torch.Tensor) -> int:
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 with one scale per output feature (a row of weight [out, in]): (q^T [in, out] int8, scale
-    [out] float32), weight ~= scale[:, None] * q. A row of zeros gets scale 1."""
+    [out] float32), weight ~= scale[:, None] * q. A row of zeros gets scale 1. (The C++ kernel quantises the same
+    way, op for op.)"""
     w = weight.detach().float()
     scale = w.abs().amax(1) / 127.0
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -95,21 +100,13 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _MAKE = {"transposed": lambda w: w.detach().t().contiguous(), "int8": quantize_int8}
 
 
-def cached_layout(weight: torch.Tensor, kind: str):
-    """The layout weight_layout(weight, kind) made, if it is still current (the weight unchanged); else None."""
-    entry = _LAYOUTS.get((id(weight), kind))
+def weight_layout(weight: torch.Tensor, kind: str = "transposed"):
+    """The torch path's copy of weight, made once per weight (and again after it changes): "transposed": W^T
+    [in, out] contiguous in weight's dtype; "int8": quantize_int8(weight). (The C++ kernel keeps its own.)"""
+    key = (id(weight), kind)
+    entry = _LAYOUTS.get(key)
     if entry is not None and entry[0]() is weight and entry[1] == _version(weight):
         return entry[2]
-    return None
-
-
-def weight_layout(weight: torch.Tensor, kind: str = "transposed"):
-    """The sparse paths' copy of weight, made once per weight (and again after it changes): "transposed": W^T
-    [in, out] contiguous in weight's dtype; "int8": quantize_int8(weight)."""
-    layout = cached_layout(weight, kind)
-    if layout is not None:
-        return layout
-    key = (id(weight), kind)
     with _LAYOUTS_LOCK:
         entry = _LAYOUTS.get(key)
         layout = _MAKE[kind](weight)
@@ -125,11 +122,13 @@ def transposed_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def layouts_nbytes() -> int:
-    """Bytes held by the sparse paths' weight copies alive now."""
+    """Bytes held by the sparse paths' weight copies of the weights alive now (both kernels')."""
     total = 0
     for entry in list(_LAYOUTS.values()):
         for t in entry[2] if isinstance(entry[2], tuple) else (entry[2],):
             total += t.numel() * t.element_size()
+    if _KERNEL == "c":
+        total += LIBRARY.load().spikelm_layouts_nbytes()
     return total
 
 
@@ -148,7 +147,18 @@ def naive_spike_linear(spikes: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return y.reshape(*spikes.shape[:-1], out_f)
 
 
-# -- the op ------------------------------------------------------------------------------------
+# -- the torch kernel --------------------------------------------------------------------------
+_torch_calls = threading.local()
+
+
+def _count(backend: str) -> None:
+    counts = getattr(_torch_calls, "counts", None)
+    if counts is None:
+        counts = _torch_calls.counts = dict.fromkeys(("torch", "torch_int8", "dense"), 0)
+    counts[backend] += 1
+    note_backend("spike_linear", backend)
+
+
 def _check(spikes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     if weight.dim() != 2 or spikes.dim() < 1 or spikes.shape[-1] != weight.shape[1] or (
             bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0])):
@@ -159,39 +169,7 @@ def _check(spikes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise ValueError(f"spike_linear runs on CPU tensors, got spikes on {spikes.device}, weight on {weight.device}")
 
 
-def _dense(spikes, weight, bias, dtype):
-    return F.linear(spikes.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
-
-
-def _spike_linear_c(lib, spikes: torch.Tensor, weight, bias, max_fired: int, int8: bool):
-    """The C kernel's product [..., out] in float32, or None when more than max_fired inputs fired (or, for int8,
-    a spike is not an integer)."""
-    out_f, in_f = weight.shape
-    s32 = spikes if spikes.dtype == torch.float32 and spikes.is_contiguous() else \
-        spikes.to(torch.float32).contiguous()
-    b = None if bias is None else bias.detach().to(torch.float32).contiguous()
-    y = torch.empty((*spikes.shape[:-1], out_f), dtype=torch.float32)
-    rows, b_ptr, threads = s32.numel() // in_f, None if b is None else b.data_ptr(), torch.get_num_threads()
-    kind = "int8" if int8 else "transposed"
-    layout = cached_layout(weight, kind)
-    for _ in range(2):  # a second pass only when the layout is made now, for a product that will run
-        if int8:
-            q, scale = layout if layout is not None else (None, None)
-            status = lib.spike_linear_int8(s32.data_ptr(), rows, in_f, None if q is None else q.data_ptr(),
-                                           None if scale is None else scale.data_ptr(), out_f, b_ptr, y.data_ptr(),
-                                           max_fired, threads)
-        else:
-            status = lib.spike_linear(s32.data_ptr(), rows, in_f, None if layout is None else layout.data_ptr(),
-                                      weight.dtype == torch.bfloat16, out_f, b_ptr, y.data_ptr(), max_fired, threads)
-        if status != _NEED_WEIGHTS:
-            break
-        layout = weight_layout(weight, kind)
-    if status == _NO_MEMORY:
-        raise MemoryError("spikelm: the spike_linear C kernel could not allocate its index lists")
-    return None if status in (_TOO_DENSE, _NOT_INTEGER) else y
-
-
-def _spike_linear_torch(s: torch.Tensor, weight, bias, max_fired: int, dtype, int8: bool):
+def _sparse_torch(s: torch.Tensor, weight, bias, max_fired: int, dtype, int8: bool):
     """The fired columns gathered, then one matmul (float32 accumulation for 16-bit dtypes, exact integer sums for
     int8); None if too dense (or, for int8, a spike is not an integer)."""
     cols = torch.nonzero((s != 0).any(0)).flatten()
@@ -210,28 +188,24 @@ def _spike_linear_torch(s: torch.Tensor, weight, bias, max_fired: int, dtype, in
     return y if bias is None else y + bias.to(compute)
 
 
-def _spike_linear_cpu(spikes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      max_density: float, int8: bool = False) -> torch.Tensor:
+def torch_spike_linear(spikes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       max_density: float, int8: bool = False) -> torch.Tensor:
+    """The op's torch kernel (the CPU kernel where the C++ one cannot be built; callable directly, for tests)."""
     _check(spikes, weight, bias)
     in_f = weight.shape[1]
     dtype = torch.promote_types(spikes.dtype, weight.dtype)
-    max_fired = int(max_density * in_f)
-    lib = LIBRARY.load() if (int8 or weight.dtype in _C_WEIGHT_DTYPES) and spikes.numel() else None
-    if lib is not None:
-        y, backend = _spike_linear_c(lib, spikes, weight, bias, max_fired, int8), "c"
-    else:
-        y, backend = _spike_linear_torch(spikes.reshape(-1, in_f), weight, bias, max_fired, dtype, int8), "torch"
-        y = y if y is None else y.reshape(*spikes.shape[:-1], weight.shape[0])
+    y = _sparse_torch(spikes.reshape(-1, in_f), weight, bias, int(max_density * in_f), dtype, int8)
     if y is None:
-        note_backend("spike_linear", "dense")
-        return _dense(spikes, weight, bias, dtype)
-    note_backend("spike_linear", backend + ("_int8" if int8 else ""))
+        _count("dense")
+        return F.linear(spikes.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    _count("torch_int8" if int8 else "torch")
+    y = y.reshape(*spikes.shape[:-1], weight.shape[0])
     return y if y.dtype == dtype else y.to(dtype)
 
 
+# -- the op ------------------------------------------------------------------------------------
 _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
 _LIB.define("spike_linear(Tensor spikes, Tensor weight, Tensor? bias, float max_density, bool int8=False) -> Tensor")
-_LIB.impl("spike_linear", _spike_linear_cpu, "CPU")
 
 
 @torch.library.register_fake(op_name("spike_linear"), lib=_LIB)
@@ -239,24 +213,70 @@ def _spike_linear_fake(spikes, weight, bias, max_density, int8=False):
     return spikes.new_empty((*spikes.shape[:-1], weight.shape[0]), dtype=torch.promote_types(spikes.dtype, weight.dtype))
 
 
-_COMPILED_OP = getattr(torch.ops, NAMESPACE).spike_linear.default
+_OP = getattr(torch.ops, NAMESPACE).spike_linear.default
+_KERNEL: str | None = None  # "c" or "torch": the op's CPU kernel, registered by op_kernel()
+_KERNEL_LOCK = threading.Lock()
+
+
+def op_kernel() -> str:
+    """The op's CPU kernel, "c" or "torch", registered on the first call: the C++ one where it builds."""
+    global _KERNEL
+    if _KERNEL is None:
+        with _KERNEL_LOCK:
+            if _KERNEL is None:
+                lib = LIBRARY.load()
+                if lib is not None and lib.spikelm_register_spike_linear(NAMESPACE.encode()) == 0:
+                    _KERNEL = "c"
+                else:
+                    _LIB.impl("spike_linear", torch_spike_linear, "CPU")
+                    _KERNEL = "torch"
+    return _KERNEL
+
+
+@torch.compiler.assume_constant_result
+def _kernel_while_tracing() -> str:
+    # run by dynamo once, when it traces a call: the compiled graph then finds the kernel registered
+    return op_kernel()
+
+
+def _c_counts() -> list[int]:
+    counts = (ctypes.c_int64 * len(_C_BACKENDS))()
+    LIBRARY.load().spikelm_spike_linear_backend_counts(counts)
+    return list(counts)
+
+
+def kernel_calls() -> dict[str, int]:
+    """Calls of the op by this thread since the process started, by backend ("c", "c_int8", "torch",
+    "torch_int8", "dense"): eager and compiled graphs alike."""
+    out = dict.fromkeys(("c", "c_int8", "torch", "torch_int8", "dense"), 0)
+    for name, n in getattr(_torch_calls, "counts", {}).items():
+        out[name] += n
+    if _KERNEL == "c":
+        for name, n in zip(_C_BACKENDS, _c_counts()):
+            out[name] += n
+    return out
 
 
 def spike_linear(spikes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  max_density: float = 1.0, int8: bool = False) -> torch.Tensor:
     """spikes [..., in] (integer spike counts, float storage) @ weight.T ([out, in], nn.Linear's layout) + bias.
 
-    Sparse (the C kernel, else the torch fallback) when at most max_density x in of the input
-    features fired in any row, else dense F.linear; 1.0 means always sparse. int8: the sparse product
-    reads int8 weights with one scale per output feature (quantize_int8; integer accumulates, exact),
-    for integer spikes (otherwise, and when too dense, the float dense product runs). CPU tensors, no
+    Sparse (the C++ kernel, else the torch one) when at most max_density x in of the input features
+    fired in any row, else dense F.linear; 1.0 means always sparse. int8: the sparse product reads
+    int8 weights with one scale per output feature (quantize_int8; integer accumulates, exact), for
+    integer spikes (otherwise, and when too dense, the float dense product runs). CPU tensors, no
     autograd (an inference op). Output dtype: promote(spikes, weight); accumulation in float32 (or
-    float64 for float64 inputs on the torch path). Eager calls go straight to the CPU implementation
-    (the dispatcher would add ~5 us a call); under torch.compile this is the op spikelm::spike_linear.
+    float64 for float64 inputs on the torch path). Under torch.compile this is the op spikelm::spike_linear.
     """
     if torch.compiler.is_compiling():
-        return _COMPILED_OP(spikes, weight, bias, float(max_density), bool(int8))
+        _kernel_while_tracing()
+        return _OP(spikes, weight, bias, float(max_density), bool(int8))
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (spikes, weight, bias)):
         raise ValueError("spike_linear is an inference op (no backward): call it under torch.no_grad() or "
                          "torch.inference_mode(), or use F.linear where gradients are needed")
-    return _spike_linear_cpu(spikes, weight, bias, float(max_density), bool(int8))
+    if op_kernel() == "c" and is_recording():
+        before = _c_counts()
+        y = _OP(spikes, weight, bias, float(max_density), bool(int8))
+        note_backend("spike_linear", next(b for b, n0, n1 in zip(_C_BACKENDS, before, _c_counts()) if n1 > n0))
+        return y
+    return _OP(spikes, weight, bias, float(max_density), bool(int8))

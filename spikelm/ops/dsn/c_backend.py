@@ -41,7 +41,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dsn_cpu_forward.restype = lib.dsn_cpu_backward.restype = ctypes.c_int
 
 
-LIBRARY = CLibrary("dsn_cpu", SOURCE, _declare)
+LIBRARY = CLibrary("dsn_cpu", [SOURCE], _declare)
 
 
 def _load():

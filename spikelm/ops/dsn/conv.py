@@ -90,7 +90,9 @@ def next_conv_history(x: torch.Tensor, history: torch.Tensor | None, cu_seqlens:
     if cu_seqlens is None:
         before = x.new_zeros(B, k - 1, C) if history is None else history.to(x.dtype)
         tail = torch.cat([before, x[:, max(0, T - (k - 1)) :]], dim=1)
-        return tail[:, tail.shape[1] - (k - 1) :]
+        # a fresh buffer: a step's state then has the strides of the one a step returns (a compiled
+        # decoding step specialises on strides; views of differently shaped buffers made them dynamic)
+        return tail[:, tail.shape[1] - (k - 1) :].clone(memory_format=torch.contiguous_format)
     cu = cu_seqlens.tolist()
     rows = []
     for s, e in zip(cu, cu[1:]):
