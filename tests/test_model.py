@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, TextIterat
 from spikelm import SpikeLMCache, SpikeLMConfig, SpikeLMForCausalLM, SpikeLMModel
 from spikelm.data import train_bpe_tokenizer
 from spikelm.models import CACHE_NAME
-from spikelm.neurons import DSN
+from spikelm.neurons import DSN, DSNState
 from spikelm.ops import record_backends
 from spikelm.ops.spike_linear import kernel_calls, op_kernel
 
@@ -400,6 +400,33 @@ def test_compile_decoding_matches_eager_and_leaves_prefill_eager():
     model.train()
     loss = model(ids, labels=ids).loss  # training and prefill stay eager (T > 1)
     loss.backward()
+
+
+def test_decoding_states_keep_one_layout_so_a_compiled_step_specialises_on_it():
+    """Every DSN conv history, after the prompt and after each step, is a fresh contiguous [B, k-1, C] buffer.
+    (As views of differently shaped buffers their strides differed between prefill and steps, and the
+    compiled step took each one as a dynamic int: a third of a small model's step went into those.)"""
+    model = tiny_model(block_types=["ssm", "attention", "ssm", "ssm"], attention_window=6)
+    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        for step in range(3):
+            cache = out[CACHE_NAME]
+            convs = [t for layer in cache.layers for t in _conv_histories(layer.state)] + \
+                _conv_histories(cache.final)
+            assert len(convs) >= 4 * 4
+            for conv in convs:
+                want = torch.empty(conv.shape).stride()
+                assert conv.stride() == want, (step, conv.shape, conv.stride())
+            out = model(out.logits[:, -1:].argmax(-1), use_cache=True, **{CACHE_NAME: cache})
+
+
+def _conv_histories(state) -> list:
+    if isinstance(state, DSNState):
+        return [state.conv]
+    if isinstance(state, dict):
+        return [c for v in state.values() for c in _conv_histories(v)]
+    return []
 
 
 def test_compile_decoding_uses_inductors_cpp_wrapper_on_cpu_unless_told_otherwise(monkeypatch):

@@ -29,15 +29,15 @@ from ..ops.spike_linear import spike_linear
 SPARSE_MODES = ("auto", "on", "off")
 # "auto" takes the sparse path for at most this many rows (batch x tokens): decoding steps, not prefill
 AUTO_MAX_ROWS = 16
-# The cost model behind "auto": Theil-Sen fits of one-thread float32 batch-1 calls on this project's 2-core EPYC VM,
-# weights in cache (benchmarks/bench_spike_linear.py, results/bench_spike_linear.json, "float32/hot/1"; measured at
-# load 10-13, which inflates the fixed costs). Per weight read the two products cost about the same (the sparse
-# walk reads whole contiguous rows), so large layers are sparse at any density and small ones, whose dense
-# product costs less than the sparse call's fixed cost, never.
-DENSE_US = 0.0
-DENSE_NS_PER_WEIGHT = 0.227
-SPARSE_US = 22.7
-SPARSE_NS_PER_WEIGHT = 0.189
+# The cost model behind "auto": Theil-Sen fits of one-thread float32 batch-1 eager calls of the C++ kernel on this
+# project's 2-core EPYC VM, weights in cache (benchmarks/bench_spike_linear.py, results/bench_spike_linear.json,
+# "float32/hot/1", measured quiet). The sparse walk reads whole contiguous weight rows, so per weight read it costs
+# less than the dense product: layers are sparse up to a high density once their dense product costs more than the
+# sparse call's fixed cost, and the smallest layers, whose dense product costs less, never.
+DENSE_US = 5.85
+DENSE_NS_PER_WEIGHT = 0.133
+SPARSE_US = 9.53
+SPARSE_NS_PER_WEIGHT = 0.0974
 
 
 def crossover_density(in_features: int, out_features: int) -> float:
