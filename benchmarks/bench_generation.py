@@ -28,7 +28,6 @@ Writes benchmarks/results/bench_generation.json and .png (or --out).
 from __future__ import annotations
 
 import argparse
-import collections
 import gc
 import json
 import os
@@ -42,8 +41,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCau
 from spikelm import SpikeLMConfig, SpikeLMForCausalLM
 from spikelm.eval.sparsity import SpikeDensityMonitor
 from spikelm.models import CACHE_NAME
-from spikelm.ops import record_backends
-from spikelm.ops.spike_linear import layouts_nbytes
+from spikelm.ops.spike_linear import kernel_calls, layouts_nbytes
 from timing import Stopwatch
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -238,8 +236,9 @@ def main() -> None:
         with Stopwatch() as sw:
             decode(model, prompt, warmup, [])
         warmup_s = sw.wall
-        with record_backends() as ran:
-            latencies, cpu_times, marks, tokens = decode(model, prompt, args.max_tokens, checkpoints)
+        calls_before = kernel_calls()  # (counters, not record_backends: noting each eager call would be timed too)
+        latencies, cpu_times, marks, tokens = decode(model, prompt, args.max_tokens, checkpoints)
+        calls = {b: n - calls_before[b] for b, n in kernel_calls().items() if n > calls_before[b]}
         # on a shared machine wall time measures the neighbours too: with one thread, process CPU
         # time per token is the model's own cost
         series = cpu_times if args.clock == "cpu" else latencies
@@ -248,8 +247,7 @@ def main() -> None:
         if name in SPIKELM_ROWS:
             all_tokens[name] = tokens
             extra["sparse_mode"] = model.lm_head.sparse_mode
-            extra["op_calls_per_token"] = {b: n / args.max_tokens for b, n in
-                                           collections.Counter(b for op, b in ran if op == "spike_linear").items()}
+            extra["op_calls_per_token"] = {b: n / args.max_tokens for b, n in calls.items()}
             extra["weight_copies_mb"] = layouts_nbytes() / 2**20  # the sparse layouts of every row so far
         else:
             extra["weight_bytes_per_token"] = linear_weight_bytes(model)

@@ -74,6 +74,14 @@ def test_folder_loads_without_spikelm_with_the_same_logits(tmp_path):
             greedy = model.generate(**ids, max_new_tokens=6, do_sample=False)
         kernel = next(m for n, m in sys.modules.items() if n.endswith("spikelm_ops_dsn_c_backend"))
         assert kernel.available(), kernel.unavailable_reason()
+        # the event-driven linear's C++ kernel, built from the embedded sources, under the copy's own namespace
+        op = next(m for n, m in sys.modules.items() if n.endswith("spikelm_ops_spike_linear"))
+        model.set_sparse_inference("on")
+        with torch.no_grad():
+            sparse_diff = (model(**ids).logits - ref["logits"]).abs().max().item()
+        assert op.op_kernel() == "c" and op.kernel_calls()["c"] > 0 and sparse_diff <= 1e-4, sparse_diff
+        assert op.NAMESPACE != "spikelm"
+        model.set_sparse_inference("off")
         model.save_pretrained("again")  # a remote-code model saves a folder that loads the same way
         again = AutoModelForCausalLM.from_pretrained("again", trust_remote_code=True).eval()
         with torch.no_grad():
@@ -99,6 +107,9 @@ def test_installed_package_and_remote_copy_load_side_by_side(tmp_path, monkeypat
     ids = torch.randint(0, 300, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(remote(ids).logits, local(ids).logits, atol=1e-5, rtol=0)
+        for model in (remote, local):  # both ops' C++ kernels: one library, registered under both namespaces
+            model.set_sparse_inference("on")
+        torch.testing.assert_close(remote(ids[:, :1]).logits, local(ids[:, :1]).logits, atol=1e-5, rtol=0)
 
 
 def test_saved_bundle_is_the_package_code(tmp_path):

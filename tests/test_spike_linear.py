@@ -8,6 +8,7 @@ of a briefly trained model (realistically sparse spikes) giving the same tokens 
 """
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -146,7 +147,9 @@ def test_too_dense_runs_dense():
 @pytest.mark.skipif(not c_kernel_available(), reason="the C++ kernel does not build here")
 def test_c_kernel_layouts_follow_the_weight():
     """The C++ kernel's [in, out] copy: made on the first sparse call, remade after an in-place change (same
-    bytes held), dropped with the weight; none for a call that runs dense."""
+    bytes held), remade for a new dtype (Module.to keeps the Parameter), dropped with the weight; none for a
+    call that runs dense."""
+    gc.collect()
     base = layouts_nbytes()
     w = torch.randn(30, 20)
     s = random_spikes((1, 20), 0.5)
@@ -159,7 +162,14 @@ def test_c_kernel_layouts_follow_the_weight():
     check_close(spike_linear(s, w), s, w)
     spike_linear(s, w, int8=True)
     assert layouts_nbytes() == base + 30 * 20 * 4 + 30 * 20 + 30 * 4  # + int8 weights and a scale per output
-    del w
+    layer = torch.nn.Linear(20, 30, bias=False)
+    spike_linear(s, layer.weight.detach())
+    with torch.no_grad():
+        check_close(spike_linear(s, layer.weight), s, layer.weight)
+        layer.to(torch.bfloat16)  # the same Parameter, same version, now bfloat16 data
+        check_close(spike_linear(s, layer.weight), s, layer.weight.float())
+    del w, layer
+    gc.collect()
     assert layouts_nbytes() == base
 
 
@@ -232,6 +242,31 @@ def test_torch_kernel_same_results():
         torch.testing.assert_close(got, spike_linear(s, w.to(dtype), b.to(dtype)), rtol=1e-5, atol=1e-4)
     got, ran = backend_of(lambda: torch_spike_linear(s, w, None, 0.1))
     assert ran == {"dense"} and torch.equal(got, F.linear(s, w))
+
+
+def test_the_op_called_directly_first_registers_its_kernel():
+    """torch.ops.spikelm.spike_linear before any spike_linear() call (torch.export, opcheck): it finds a kernel."""
+    code = ("import sys, torch, torch.nn.functional as F\n"
+            "import spikelm.ops\n"
+            "sl = sys.modules['spikelm.ops.spike_linear']\n"
+            "assert sl._KERNEL is None\n"
+            "w, s = torch.randn(24, 16), (torch.rand(2, 16) < 0.3).float() * 2\n"
+            "torch.testing.assert_close(torch.ops.spikelm.spike_linear.default(s, w, None, 1.0, False), F.linear(s, w),"
+            " rtol=1e-5, atol=1e-5)\n"
+            "print(sl._KERNEL)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["c" if c_kernel_available() else "torch"]
+
+
+def test_auto_is_dense_with_only_the_torch_kernel(monkeypatch):
+    """The crossover is the C++ kernel's: with the (slower) torch kernel "auto" never takes the sparse path."""
+    import spikelm.layers.spike_linear as layer_module
+
+    big = SpikeLinear(768, 3072, bias=False)
+    monkeypatch.setattr(layer_module, "c_kernel_runs", lambda: False)
+    with torch.no_grad():
+        assert backend_of(lambda: big(random_spikes((1, 1, 768), 0.1)))[1] == set()
 
 
 def test_without_the_c_kernel_the_op_gets_the_torch_kernel():

@@ -7,7 +7,8 @@ decoding step), its `sparse_mode` picks the product:
 - "off": dense F.linear always.
 - "on": ops.spike_linear always (sparse, whatever the density).
 - "auto" (default): ops.spike_linear with this layer's crossover density, so each call measures the
-  density of its own input and runs sparse below the crossover, dense above. The crossover comes
+  density of its own input and runs sparse below the crossover, dense above (with the op's C++
+  kernel; where only its slower torch kernel runs, "auto" is dense). The crossover comes
   from a cost model measured on this project's CPU (benchmarks/bench_spike_linear.py): dense costs
   DENSE_US + in x out x DENSE_NS_PER_WEIGHT, sparse SPARSE_US + fired x out x SPARSE_NS_PER_WEIGHT.
   A layer so small that the sparse call's fixed cost outweighs reading all its weights never takes
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.spike_linear import spike_linear
+from ..ops.spike_linear import c_kernel_runs, spike_linear
 
 SPARSE_MODES = ("auto", "on", "off")
 # "auto" takes the sparse path for at most this many rows (batch x tokens): decoding steps, not prefill
@@ -70,7 +71,8 @@ class SpikeLinear(nn.Linear):
                 torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             if mode == "on":
                 return spike_linear(x, self.weight, self.bias, 1.0, self.sparse_int8)
-            if self.crossover > 0 and x.numel() <= AUTO_MAX_ROWS * self.in_features:
+            # the crossover is the C++ kernel's: where only the torch kernel runs, "auto" stays dense
+            if self.crossover > 0 and x.numel() <= AUTO_MAX_ROWS * self.in_features and c_kernel_runs():
                 return spike_linear(x, self.weight, self.bias, self.crossover, self.sparse_int8)
         return F.linear(x, self.weight, self.bias)
 

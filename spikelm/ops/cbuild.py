@@ -13,6 +13,7 @@ says why and one RuntimeWarning is emitted, so callers fall back to their torch 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -26,8 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-OPT = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC"]
-FLAGS = [*OPT, "-shared"]
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
 
 
 def _cpu_signature() -> str:
@@ -71,6 +71,22 @@ def _torch_flags() -> tuple[list[str], list[str], str]:
     return cflags, ldflags, f"torch {torch.__version__} {root}"
 
 
+@contextlib.contextmanager
+def _build_lock(target: Path):
+    """One build per target at a time across processes (DDP ranks, test workers): the others wait, then find it."""
+    try:
+        import fcntl  # noqa: PLC0415 - POSIX
+    except ImportError:  # no flock: concurrent builds are still safe (atomic rename), only repeated
+        yield
+        return
+    with open(target.with_suffix(".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def compile_library(name: str, sources: dict[str, bytes], flags: list[str] = FLAGS) -> Path:
     """The shared library built from sources ({file name: text}; .c as C, .cpp as C++ against torch), compiled now
     unless the cache already holds it."""
@@ -83,6 +99,14 @@ def compile_library(name: str, sources: dict[str, bytes], flags: list[str] = FLA
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(target):
+        if not target.exists():
+            _build(name, sources, flags, target, cc, cxx, cxxflags, ldflags)
+    return target
+
+
+def _build(name: str, sources: dict[str, bytes], flags: list[str], target: Path, cc: str, cxx: list[str],
+           cxxflags: list[str], ldflags: list[str]) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
@@ -94,10 +118,10 @@ def compile_library(name: str, sources: dict[str, bytes], flags: list[str] = FLA
             if not cxx:
                 _run([cc, *flags, "-o", tmp, *paths], f"{name} ({', '.join(sources)})")
             else:  # C to objects, C++ to objects, linked by the C++ driver
-                objects = []
+                objects, compile_flags = [], [f for f in flags if f != "-shared"]
                 for path in paths:
                     objects.append(path + ".o")
-                    cmd = [*cxx, *OPT, *cxxflags] if path.endswith(".cpp") else [cc, *OPT]
+                    cmd = [*cxx, *compile_flags, *cxxflags] if path.endswith(".cpp") else [cc, *compile_flags]
                     _run([*cmd, "-c", path, "-o", objects[-1]], os.path.basename(path))
                 _run([*cxx, *flags, "-o", tmp, *objects, *ldflags], f"linking {name}")
         os.chmod(tmp, 0o755)  # mkstemp made it private: a shared cache directory serves every user
@@ -105,11 +129,10 @@ def compile_library(name: str, sources: dict[str, bytes], flags: list[str] = FLA
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return target
 
 
 class CLibrary:
-    """A C kernel loaded on first use. declare(lib) sets the ctypes signatures of its entry points."""
+    """A kernel library loaded on first use. declare(lib) sets the ctypes signatures of its entry points."""
 
     def __init__(self, name: str, sources: list[Path], declare: Callable[[ctypes.CDLL], None]):
         self.name = name
@@ -145,7 +168,7 @@ class CLibrary:
                         self._lib = lib
                     except Exception as e:  # noqa: BLE001 - any failure means: use the torch path
                         self._error = f"{type(e).__name__}: {e}"
-                        warnings.warn(f"spikelm: the C kernel {self.name} is unavailable ({self._error}); "
+                        warnings.warn(f"spikelm: the CPU kernel {self.name} is unavailable ({self._error}); "
                                       "the (slower) torch path runs instead", RuntimeWarning, stacklevel=3)
         return self._lib
 

@@ -9,7 +9,8 @@ such column once for all rows.
 Weight layout and its memory cost: nn.Linear keeps W as [out, in], where the weights of one input
 are strided. The sparse paths read W^T ([in, out], row-major: one input's weights contiguous), a
 copy made on the first sparse call for that weight, in the weight's dtype, and kept as long as the
-weight lives; it is remade when the weight is changed in place (its version counter) or replaced.
+weight lives (the C++ kernel's copies of freed weights go at the next garbage collection); it is
+remade when the weight is changed in place (its version counter), replaced or moved to another dtype.
 That is one extra copy of every weight that takes the sparse path at least once: for a model whose
 every linear after the embedding is spike-fed, about the model's size again (paper-137m: +563 MB
 in float32, +282 MB in bfloat16; a tied LM head and embedding share one copy).
@@ -39,15 +40,13 @@ with a fake kernel, so it sits in a torch.compile graph as one node without a gr
 from __future__ import annotations
 
 import ctypes
+import gc
 import threading
+import warnings
 import weakref
 
 import torch
 import torch.nn.functional as F
-
-from .backends import note_backend
-from .cbuild import CSRC, CLibrary
-from .registry import NAMESPACE, op_name
 
 from .backends import is_recording, note_backend
 from .cbuild import CSRC, CLibrary
@@ -58,8 +57,10 @@ _C_BACKENDS = ("c", "c_int8", "dense")  # the order of spikelm_spike_linear_back
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    lib.spikelm_register_spike_linear.argtypes = [ctypes.c_char_p]
+    lib.spikelm_register_spike_linear.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int64]
     lib.spikelm_register_spike_linear.restype = ctypes.c_int
+    lib.spikelm_layouts_sweep.argtypes = []
+    lib.spikelm_layouts_sweep.restype = None
     lib.spikelm_spike_linear_backend_counts.argtypes = [ctypes.c_void_p]
     lib.spikelm_spike_linear_backend_counts.restype = None
     lib.spikelm_layouts_nbytes.argtypes = []
@@ -79,11 +80,15 @@ _LAYOUTS: dict[tuple[int, str], tuple] = {}  # (id(weight), kind) -> (weakref, v
 _LAYOUTS_LOCK = threading.Lock()
 
 
-def _version(t: torch.Tensor) -> int:
+def _stamp(t: torch.Tensor) -> tuple:
+    """What a layout of t must still match: its version counter, data, dtype and shape (Module.to changes a
+    Parameter's dtype in place, keeping the object and its version). An inference tensor has no version counter:
+    an in-place change of one inside inference mode goes unseen."""
     try:
-        return t._version
-    except RuntimeError:  # an inference tensor has no version counter (and cannot change outside inference mode)
-        return -1
+        version = t._version
+    except RuntimeError:
+        version = -1
+    return version, t.data_ptr(), t.dtype, tuple(t.shape)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,14 +110,14 @@ def weight_layout(weight: torch.Tensor, kind: str = "transposed"):
     [in, out] contiguous in weight's dtype; "int8": quantize_int8(weight). (The C++ kernel keeps its own.)"""
     key = (id(weight), kind)
     entry = _LAYOUTS.get(key)
-    if entry is not None and entry[0]() is weight and entry[1] == _version(weight):
+    if entry is not None and entry[0]() is weight and entry[1] == _stamp(weight):
         return entry[2]
     with _LAYOUTS_LOCK:
         entry = _LAYOUTS.get(key)
         layout = _MAKE[kind](weight)
         if entry is None or entry[0]() is not weight:
             weakref.finalize(weight, _LAYOUTS.pop, key, None)
-        _LAYOUTS[key] = (weakref.ref(weight), _version(weight), layout)
+        _LAYOUTS[key] = (weakref.ref(weight), _stamp(weight), layout)
     return layout
 
 
@@ -218,6 +223,11 @@ _KERNEL: str | None = None  # "c" or "torch": the op's CPU kernel, registered by
 _KERNEL_LOCK = threading.Lock()
 
 
+def _sweep_layouts(phase: str, info: dict) -> None:
+    if phase == "stop":  # a collection may have freed weights: their C++ layouts go too
+        LIBRARY.load().spikelm_layouts_sweep()
+
+
 def op_kernel() -> str:
     """The op's CPU kernel, "c" or "torch", registered on the first call: the C++ one where it builds."""
     global _KERNEL
@@ -225,18 +235,36 @@ def op_kernel() -> str:
         with _KERNEL_LOCK:
             if _KERNEL is None:
                 lib = LIBRARY.load()
-                if lib is not None and lib.spikelm_register_spike_linear(NAMESPACE.encode()) == 0:
+                error = ctypes.create_string_buffer(2048)
+                if lib is not None and lib.spikelm_register_spike_linear(NAMESPACE.encode(), error, len(error)) == 0:
+                    gc.callbacks.append(_sweep_layouts)
                     _KERNEL = "c"
                 else:
+                    if lib is not None:
+                        warnings.warn(f"spikelm: the C++ kernel of spike_linear did not register "
+                                      f"({error.value.decode(errors='replace')}); the torch kernel runs instead",
+                                      RuntimeWarning, stacklevel=2)
                     _LIB.impl("spike_linear", torch_spike_linear, "CPU")
                     _KERNEL = "torch"
     return _KERNEL
 
 
+def _first_call_kernel(spikes, weight, bias, max_density, int8=False):
+    # the op's kernel for any device until the CPU kernel is registered (then it serves non-CPU tensors only):
+    # a direct torch.ops call before any spike_linear() registers the CPU kernel and runs it
+    _check(spikes, weight, bias)
+    op_kernel()
+    return _OP(spikes, weight, bias, max_density, int8)
+
+
+_LIB.impl("spike_linear", _first_call_kernel, "CompositeExplicitAutograd")
+
+
 @torch.compiler.assume_constant_result
-def _kernel_while_tracing() -> str:
-    # run by dynamo once, when it traces a call: the compiled graph then finds the kernel registered
-    return op_kernel()
+def c_kernel_runs() -> bool:
+    """Whether the op's CPU kernel is the C++ one (registering it on the first call; under torch.compile a
+    constant, evaluated once while tracing, so a compiled graph finds the kernel registered)."""
+    return op_kernel() == "c"
 
 
 def _c_counts() -> list[int]:
@@ -269,7 +297,7 @@ def spike_linear(spikes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     float64 for float64 inputs on the torch path). Under torch.compile this is the op spikelm::spike_linear.
     """
     if torch.compiler.is_compiling():
-        _kernel_while_tracing()
+        c_kernel_runs()
         return _OP(spikes, weight, bias, float(max_density), bool(int8))
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (spikes, weight, bias)):
         raise ValueError("spike_linear is an inference op (no backward): call it under torch.no_grad() or "

@@ -3,15 +3,18 @@
 // kernel it replaces cost ~20-35 us of interpreter and ctypes work per call against ~2 us here.
 //
 // It keeps the sparse paths' weight layouts (ops/spike_linear.py describes them and their memory):
-// one per (weight, kind), keyed by the weight's TensorImpl, held with a weak reference and the
-// weight's version counter, so a layout is remade when the weight changes in place or is replaced,
-// and dropped (at the next layout made, or at spikelm_layouts_nbytes) once the weight is freed.
+// one per (weight, kind), keyed by the weight's TensorImpl, held with a weak reference, the
+// weight's version counter, data pointer, dtype and shape, so a layout is remade when the weight
+// changes in place, is replaced or is moved to another dtype (Module.to keeps the Parameter), and
+// dropped once the weight is freed (at the next sweep: spikelm_layouts_sweep, which ops/spike_linear.py
+// runs after each garbage collection, the next layout made, or spikelm_layouts_nbytes).
 // Registration is explicit (spikelm_register_spike_linear(namespace)): the op's schema and fake
 // kernel are defined in Python, in a namespace that differs for a saved model's remote-code copy.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdio>
 #include <memory>
 #include <mutex>
 #include <unordered_map>
@@ -35,7 +38,15 @@ thread_local int64_t backend_counts[NUM_BACKENDS] = {0, 0, 0};
 struct Layout {
   c10::weak_intrusive_ptr<c10::TensorImpl> owner;
   int64_t version;
+  const void *data;  // the weight's data, dtype and shape when the layout was made
+  at::ScalarType dtype;
+  std::vector<int64_t> sizes;
   at::Tensor a, b;  // TRANSPOSED: W^T [in, out] in the weight's dtype; INT8: q^T [in, out] int8, scale [out]
+
+  bool current_for(const at::Tensor &w, int64_t v) const {
+    return !owner.expired() && version == v && data == w.const_data_ptr() && dtype == w.scalar_type() &&
+           w.sizes().equals(sizes);
+  }
 };
 
 std::mutex layouts_mutex;
@@ -66,12 +77,13 @@ std::pair<at::Tensor, at::Tensor> layout_of(const at::Tensor &weight, Kind kind,
   const auto *impl = weight.unsafeGetTensorImpl();
   const int64_t version = version_of(weight);
   auto it = map.find(impl);
-  if (it != map.end() && !it->second.owner.expired() && it->second.version == version) return {it->second.a, it->second.b};
+  if (it != map.end() && it->second.current_for(weight, version)) return {it->second.a, it->second.b};
   if (!make) return {at::Tensor(), at::Tensor()};
   sweep_locked();
   auto made = make_layout(weight, kind);
   map.insert_or_assign(impl, Layout{c10::weak_intrusive_ptr<c10::TensorImpl>(weight.getIntrusivePtr()), version,
-                                    made.first, made.second});
+                                    weight.const_data_ptr(), weight.scalar_type(), weight.sizes().vec(), made.first,
+                                    made.second});
   return made;
 }
 
@@ -126,20 +138,23 @@ at::Tensor spike_linear_op(const at::Tensor &spikes, const at::Tensor &weight, c
     if (status != NEED_WEIGHTS) break;
     layout = layout_of(weight, kind, true);
   }
-  if (status == NO_MEMORY) throw std::bad_alloc();
+  TORCH_CHECK_WITH(OutOfMemoryError, status != NO_MEMORY, "spike_linear: the C kernel could not allocate its index lists");
   if (status == TOO_DENSE || status == NOT_INTEGER) return dense(spikes, weight, bias, dtype);
   backend_counts[int8 ? C_INT8 : C]++;
   return y.scalar_type() == dtype ? y : y.to(dtype);
 }
 
+std::mutex registrations_mutex;
 std::vector<std::unique_ptr<torch::Library>> registrations;
 
 }  // namespace
 
 extern "C" {
 
-// Register spike_linear_op as the CPU kernel of <ns>::spike_linear (defined beforehand). 0 on success.
-int spikelm_register_spike_linear(const char *ns) {
+// Register spike_linear_op as the CPU kernel of <ns>::spike_linear (defined beforehand). 0 on success; else -1
+// and the reason in error (error_size bytes, NUL-terminated).
+int spikelm_register_spike_linear(const char *ns, char *error, int64_t error_size) {
+  std::lock_guard<std::mutex> guard(registrations_mutex);
   try {
     auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, std::string(ns),
                                                 std::optional<c10::DispatchKey>(c10::DispatchKey::CPU), __FILE__,
@@ -147,9 +162,16 @@ int spikelm_register_spike_linear(const char *ns) {
     lib->impl("spike_linear", TORCH_FN(spike_linear_op));
     registrations.push_back(std::move(lib));
     return 0;
-  } catch (...) {
+  } catch (const std::exception &e) {
+    std::snprintf(error, static_cast<size_t>(error_size), "%s", e.what());
     return -1;
   }
+}
+
+// Drop the layouts of weights that have been freed.
+void spikelm_layouts_sweep() {
+  std::lock_guard<std::mutex> guard(layouts_mutex);
+  sweep_locked();
 }
 
 // Calls of this thread that ran each backend since the library loaded: c, c_int8, dense.

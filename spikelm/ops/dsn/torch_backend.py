@@ -232,4 +232,4 @@ def step(x_t, weight, bias, conv, membrane, tau, max_spike, surrogate, surrogate
     g = log_decay(decay_logit(window, weight, bias, 1)[:, 0], tau)
     h = torch.addcmul(-torch.expm1(g) * xf, torch.exp(g), membrane.to(dtype))
     spikes = quantize_spikes(h, max_spike, surrogate, surrogate_alpha).to(x_t.dtype)
-    return spikes, h, window[:, 1:].to(x_t.dtype).clone(memory_format=torch.contiguous_format)  # (see next_conv_history)
+    return spikes, h, window[:, 1:].to(x_t.dtype, memory_format=torch.contiguous_format, copy=True)  # (see next_conv_history)
