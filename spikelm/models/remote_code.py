@@ -3,7 +3,7 @@
 `write_remote_code(folder)` copies the package modules the model needs (the closure of
 models/modeling_spikelm.py and models/configuration_spikelm.py over their imports: models, layers,
 neurons, ops) into the folder as flat files, with every import inside the package rewritten to the
-flat sibling (`from ..ops.scan import scan` -> `from .spikelm_ops_scan import scan`), and the C
+flat sibling (`from ..ops.scan import scan` -> `from .spikelm_ops_scan import scan`), and the C/C++
 kernels' sources embedded in one more module, so the compiled CPU kernel travels too. The package
 source is the only source of truth: the bundle is generated from it at every save, and
 `bundle_sources()` is what a test compares against the package.
@@ -24,7 +24,7 @@ ENTRY_MODULES = ("spikelm.models.modeling_spikelm", "spikelm.models.configuratio
 # flat names transformers' auto_map points at (the config class must come from the module named there)
 ENTRY_NAMES = {"spikelm.models.modeling_spikelm": "modeling_spikelm",
                "spikelm.models.configuration_spikelm": "configuration_spikelm"}
-CSRC_MODULE = "spikelm.ops.csrc_sources"  # generated: {file name: C source} of ops/csrc
+CSRC_MODULE = "spikelm.ops.csrc_sources"  # generated: {file name: C/C++ source} of ops/csrc
 AUTO_MAP = {"AutoConfig": "configuration_spikelm.SpikeLMConfig",
             "AutoModel": "modeling_spikelm.SpikeLMModel",
             "AutoModelForCausalLM": "modeling_spikelm.SpikeLMForCausalLM"}
