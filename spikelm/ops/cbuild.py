@@ -47,7 +47,7 @@ def cache_dir() -> Path:
 
 
 def _compiler(env: str, names: tuple[str, ...], what: str) -> str:
-    compiler = os.environ.get(env) or next((shutil.which(n) for n in names if shutil.which(n)), None)
+    compiler = os.environ.get(env) or next((path for path in map(shutil.which, names) if path), None)
     if compiler is None:
         raise RuntimeError(f"no {what} compiler found ({', '.join(names)}; or set ${env})")
     return compiler

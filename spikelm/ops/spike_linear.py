@@ -76,7 +76,7 @@ def c_kernel_available() -> bool:
 
 
 # -- the torch path's weight layouts ----------------------------------------------------------------
-_LAYOUTS: dict[tuple[int, str], tuple] = {}  # (id(weight), kind) -> (weakref, version, layout)
+_LAYOUTS: dict[tuple[int, str], tuple] = {}  # (id(weight), kind) -> (weakref, _stamp(weight), layout)
 _LAYOUTS_LOCK = threading.Lock()
 
 
@@ -302,9 +302,8 @@ def spike_linear(spikes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (spikes, weight, bias)):
         raise ValueError("spike_linear is an inference op (no backward): call it under torch.no_grad() or "
                          "torch.inference_mode(), or use F.linear where gradients are needed")
-    if op_kernel() == "c" and is_recording():
-        before = _c_counts()
-        y = _OP(spikes, weight, bias, float(max_density), bool(int8))
+    before = _c_counts() if op_kernel() == "c" and is_recording() else None  # the C++ kernel cannot note itself
+    y = _OP(spikes, weight, bias, float(max_density), bool(int8))
+    if before is not None:
         note_backend("spike_linear", next(b for b, n0, n1 in zip(_C_BACKENDS, before, _c_counts()) if n1 > n0))
-        return y
-    return _OP(spikes, weight, bias, float(max_density), bool(int8))
+    return y
