@@ -401,8 +401,12 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
             spikes, final_state = self.final_spikes(hidden, ctx, cache.final if use_cache else None, use_cache)
         if use_cache:
             cache.final = final_state
-            n_new = ctx.valid.long().sum(1) if ctx.valid is not None else torch.full((B,), T, device=hidden.device)
-            cache.positions = (cache.positions if cache.positions is not None else torch.zeros_like(n_new)) + n_new
+            if ctx.valid is not None:
+                n_new = ctx.valid.long().sum(1)
+                cache.positions = n_new if cache.positions is None else cache.positions + n_new
+            else:  # (a Python int: no tensor to build on every decoding step)
+                cache.positions = (torch.full((B,), T, device=hidden.device) if cache.positions is None
+                                   else cache.positions + T)
             cache.length += T
         if packed:
             hidden, spikes = hidden.reshape(B, T, -1), spikes.reshape(B, T, -1)
