@@ -404,7 +404,7 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
             if ctx.valid is not None:
                 n_new = ctx.valid.long().sum(1)
                 cache.positions = n_new if cache.positions is None else cache.positions + n_new
-            else:  # (a Python int: no tensor to build on every decoding step)
+            else:  # adds a Python int: no torch.full on every decoding step
                 cache.positions = (torch.full((B,), T, device=hidden.device) if cache.positions is None
                                    else cache.positions + T)
             cache.length += T
