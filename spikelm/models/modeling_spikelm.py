@@ -401,12 +401,10 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
             spikes, final_state = self.final_spikes(hidden, ctx, cache.final if use_cache else None, use_cache)
         if use_cache:
             cache.final = final_state
-            if ctx.valid is not None:
-                n_new = ctx.valid.long().sum(1)
-                cache.positions = n_new if cache.positions is None else cache.positions + n_new
-            else:  # adds a Python int: no torch.full on every decoding step
-                cache.positions = (torch.full((B,), T, device=hidden.device) if cache.positions is None
-                                   else cache.positions + T)
+            n_new = ctx.valid.long().sum(1) if ctx.valid is not None else T  # an int: no tensor built per step
+            if cache.positions is None:
+                cache.positions = torch.zeros(B, dtype=torch.long, device=hidden.device)
+            cache.positions = cache.positions + n_new
             cache.length += T
         if packed:
             hidden, spikes = hidden.reshape(B, T, -1), spikes.reshape(B, T, -1)
