@@ -48,6 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     q.add_argument("--chunk_size", type=int, default=None,
                    help="tokens per forward, carrying the cache (parallel default: one forward per window; "
                         "streaming default: 1, the serial step)")
+    q.add_argument("--sparse", choices=("auto", "on", "off"), default="auto",
+                   help="the spike-fed linears' product on CPU, as in generate.py (auto: sparse on calls of <= 16 rows "
+                        "where the density pays, so streaming; on: every call sparse; off: dense)")
+    q.add_argument("--int8", action="store_true",
+                   help="the sparse product reads int8 weights (one scale per output feature): the perplexity cost of "
+                        "generate.py --int8 (--sparse on scores every token with it; auto the decoding steps' calls)")
 
     q = sub.add_parser("position", help="perplexity by position over long windows (length extrapolation)")
     _common(q)
@@ -126,6 +132,14 @@ def cmd_ppl(args, model, tokenizer) -> dict:
         # consecutive windows share one token, so every token after the first is scored exactly once
         # (the text's tail included), each with 1..context-1 tokens of context
         windows = [ids[s:s + context] for s in range(0, ids.numel() - 1, context - 1)]
+    if args.int8 and args.sparse == "off":
+        raise UserError("--int8 quantises the sparse product's weights: it needs --sparse auto or on, not off")
+    if args.int8 and next(model.parameters()).device.type != "cpu":
+        raise UserError("--int8: the sparse product runs on CPU only (give --device cpu)")
+    if hasattr(model, "set_sparse_inference"):
+        model.set_sparse_inference(args.sparse, int8=args.int8)
+    elif args.sparse != "auto" or args.int8:
+        raise UserError(f"--sparse {args.sparse}{' --int8' if args.int8 else ''}: this model has no sparse product")
     chunk = args.chunk_size if args.chunk_size is not None else (1 if args.mode == "streaming" else None)
     if chunk is None and context == 0:
         chunk = 2048 if model.model.supports_cache else None  # bound memory on a long file
@@ -134,7 +148,7 @@ def cmd_ppl(args, model, tokenizer) -> dict:
     return {"perplexity": perplexity(nll), "unigram_ppl_of_text": unigram_perplexity(ids[None, 1:]),
             "nll": float(nll.mean()), "scored_tokens": int(nll.numel()),
             "windows": len(windows), "context": int(max(w.numel() for w in windows)), "mode": args.mode,
-            "chunk_size": chunk, "seconds": time.perf_counter() - t}
+            "chunk_size": chunk, "sparse": args.sparse, "int8": args.int8, "seconds": time.perf_counter() - t}
 
 
 def cmd_position(args, model, tokenizer) -> dict:

@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--sparse", choices=("auto", "on", "off"), default="auto",
                    help="sparse spike decoding, where the model supports it (model.set_sparse_inference)")
+    p.add_argument("--int8", action="store_true",
+                   help="with --sparse auto|on: the sparse product reads int8 weights with one scale per output feature")
     p.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--access_log", action="store_true", help="log every HTTP request")
     return p.parse_args(argv)
@@ -79,6 +81,10 @@ def build(args: argparse.Namespace):
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
+    if args.int8 and args.sparse == "off":
+        raise UserError("--int8 quantises the sparse product's weights: it needs --sparse auto or on, not off")
+    if args.int8 and args.device != "cpu":
+        raise UserError(f"--int8: the sparse product runs on CPU only, got --device {args.device}")
     try:
         from spikelm.serving.app import create_app
     except ImportError as e:
@@ -95,9 +101,10 @@ def build(args: argparse.Namespace):
                         "in constant memory")
     log = logging.getLogger("spikelm.serving")
     if hasattr(model, "set_sparse_inference"):
-        model.set_sparse_inference(args.sparse)
-    elif args.sparse != "auto":
-        log.warning(f"--sparse {args.sparse}: this model has no sparse decoding; ignored")
+        model.set_sparse_inference(args.sparse, int8=args.int8)
+    elif args.sparse != "auto" or args.int8:
+        log.warning(f"--sparse {args.sparse}{' --int8' if args.int8 else ''}: this model has no sparse decoding; "
+                    "ignored")
     fingerprint = model_fingerprint(model)
     state_dir = Path(args.state_dir) if args.state_dir else default_state_dir(args.model, fingerprint)
     try:

@@ -6,9 +6,11 @@ cache size at each checkpoint length, and the bytes of weights each step reads.
 
 SpikeLM rows: `spikelm` (dense, eager), `spikelm_compiled` (dense, compile_decoding()),
 `spikelm_sparse` and `spikelm_sparse_compiled` (set_sparse_inference(--sparse-mode), default "auto":
-the event-driven product where the measured density makes it pay). Every SpikeLM row decodes the
-same weights from the same prompt, and the JSON records whether its greedy tokens equal the dense
-eager row's. Bytes of weights read per token: for SpikeLM, from the spike density of the
+the event-driven product where the measured density makes it pay), `spikelm_sparse_int8` and
+`spikelm_sparse_int8_compiled` (the same, its sparse product reading int8 weights with one scale per
+output feature: a quantised model, so its tokens may differ from dense; `evaluate.py ppl --int8` gives
+its perplexity). Every SpikeLM row decodes the same weights from the same prompt, and the JSON
+records whether its greedy tokens equal the dense eager row's. Bytes of weights read per token: for SpikeLM, from the spike density of the
 spike-fed linears measured on the dense eager row's first --density-tokens steps (spikelm.eval.
 sparsity: dense in x out, sparse fired x out, per layer); for Llama and Mamba, every nn.Linear
 weight (the dense read).
@@ -47,8 +49,10 @@ from timing import Stopwatch
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-SPIKELM_ROWS = {"spikelm": ("off", False), "spikelm_compiled": ("off", True), "spikelm_sparse": (None, False),
-                "spikelm_sparse_compiled": (None, True)}  # row -> (sparse mode, None: --sparse-mode; compiled)
+# row -> (sparse mode, None: --sparse-mode; compiled; int8)
+SPIKELM_ROWS = {"spikelm": ("off", False, False), "spikelm_compiled": ("off", True, False),
+                "spikelm_sparse": (None, False, False), "spikelm_sparse_compiled": (None, True, False),
+                "spikelm_sparse_int8": (None, False, True), "spikelm_sparse_int8_compiled": (None, True, True)}
 
 
 def spikelm_config(args) -> SpikeLMConfig:
@@ -65,10 +69,10 @@ def spikelm_config(args) -> SpikeLMConfig:
 
 def spikelm_row(spikelm, name: str, sparse_mode: str = "auto"):
     """A copy of spikelm (the same weights) set up as SPIKELM_ROWS[name] says, in eval mode."""
-    mode, compiled = SPIKELM_ROWS[name]
+    mode, compiled, int8 = SPIKELM_ROWS[name]
     model = SpikeLMForCausalLM(spikelm.config)
     model.load_state_dict(spikelm.state_dict())
-    model.set_sparse_inference(mode or sparse_mode)
+    model.set_sparse_inference(mode or sparse_mode, int8=int8)
     if compiled:
         model.compile_decoding()  # decoding steps through torch.compile (Inductor)
     return model.eval()
@@ -247,6 +251,7 @@ def main() -> None:
         if name in SPIKELM_ROWS:
             all_tokens[name] = tokens
             extra["sparse_mode"] = model.lm_head.sparse_mode
+            extra["int8"] = model.lm_head.sparse_int8
             extra["op_calls_per_token"] = {b: n / args.max_tokens for b, n in calls.items()}
             extra["weight_copies_mb"] = layouts_nbytes() / 2**20  # the sparse layouts of every row so far
         else:
@@ -264,9 +269,11 @@ def main() -> None:
         if "spikelm" in all_tokens:
             diverge = next((i for i, (a, b) in enumerate(zip(tokens, all_tokens["spikelm"])) if a != b), None)
             r["same_tokens_as_dense_eager"], r["first_divergence"] = diverge is None, diverge
+        if r.get("int8") and name != "spikelm_sparse_int8" and "spikelm_sparse_int8" in all_tokens:
+            r["same_tokens_as_int8_eager"] = tokens == all_tokens["spikelm_sparse_int8"]
         if density is not None:
             key = {"off": "dense", "on": "sparse", "auto": "auto"}[r["sparse_mode"]]
-            r["weight_bytes_per_token"] = density["total"][f"{key}_bytes_per_token"]
+            r["weight_bytes_per_token"] = density["total"][("int8_" if r["int8"] else "") + f"{key}_bytes_per_token"]
 
     c0, cN = checkpoints[0], checkpoints[-1]
     rate = "tokens_per_cpu_s" if args.clock == "cpu" else "tokens_per_s"

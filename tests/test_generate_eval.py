@@ -277,6 +277,34 @@ def test_generate_sparse_flag(model_dir, capsys):
     assert calls["on"] >= 8 * 17 and calls["off"] == 0  # 8 steps x (4 blocks x >= 4 linears + the LM head)
 
 
+def test_int8_flags(model_dir, text_file, capsys):
+    """--int8: generate.py decodes through the int8 product; evaluate.py ppl scores with it, near the float
+    perplexity; with --sparse off it is a clear error in both."""
+    import evaluate
+    import generate
+    from spikelm.ops import record_backends
+
+    with record_backends() as ran:
+        assert generate.main(["--model", str(model_dir), "--prompt", "the spiking", "--max_new_tokens", "4",
+                              "--temperature", "0", "--ignore_eos", "--sparse", "on", "--int8"]) == 0
+    assert "sparse on int8" in capsys.readouterr().err
+    assert {b for op, b in ran if op == "spike_linear"} <= {"c_int8", "torch_int8"} and ran
+    assert generate.main(["--model", str(model_dir), "--prompt", "x", "--sparse", "off", "--int8"]) == 2
+    assert "--int8" in capsys.readouterr().err
+
+    ppl = {}
+    for flags in ([], ["--sparse", "on", "--int8"]):
+        assert evaluate.main(["ppl", "--model", str(model_dir), "--text_file", str(text_file), "--context", "32",
+                              *flags]) == 0
+        res = json.loads(capsys.readouterr().out)
+        ppl[bool(flags)] = res["perplexity"]
+        assert res["int8"] == bool(flags)
+    assert ppl[True] != ppl[False] and abs(ppl[True] / ppl[False] - 1) < 0.05  # quantised: close, not equal
+    assert evaluate.main(["ppl", "--model", str(model_dir), "--text_file", str(text_file), "--sparse", "off",
+                          "--int8"]) == 2
+    assert "--int8" in capsys.readouterr().err
+
+
 def test_generate_interactive_keeps_state(model_dir, monkeypatch, capsys):
     import generate
 

@@ -333,6 +333,19 @@ def test_the_server_stays_up_after_bad_input_and_the_client_sees_errors(strict_s
     assert client.completions.create(model=NAME, prompt="x", max_tokens=3).usage.completion_tokens == 3
 
 
+def test_int8_flag_sets_the_model_or_names_the_conflict(model_dir, tmp_path, capsys, monkeypatch):
+    assert serve.main(["--model", str(model_dir), "--state_dir", str(tmp_path), "--sparse", "off", "--int8"]) == 2
+    err = capsys.readouterr().err
+    assert "--int8" in err and "--sparse" in err
+    calls = []
+    real = SpikeLMForCausalLM.set_sparse_inference
+    monkeypatch.setattr(SpikeLMForCausalLM, "set_sparse_inference",
+                        lambda self, mode="auto", int8=False: calls.append((mode, int8)) or real(self, mode, int8))
+    serve.build(serve.parse_args(["--model", str(model_dir), "--state_dir", str(tmp_path), "--sparse", "on",
+                                  "--int8"]))  # the app only: its engine starts with the server
+    assert calls == [("on", True)]
+
+
 def test_api_key_guards_every_endpoint_but_health(strict_server):
     url = strict_server.url
     for method, path, body in [("GET", "/v1/models", None), ("POST", "/v1/completions", {"model": NAME, "prompt": "x"}),

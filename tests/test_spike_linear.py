@@ -355,6 +355,10 @@ def test_density_monitor_counts_by_hand():
     assert first["sparse_bytes_per_token"] == 10 / 3 * 5 * 4 and first["auto_bytes_per_token"] == 8 * 5 * 4
     assert second["density"] == 5 / 10 and second["auto_sparse_fraction"] == 0.5
     assert second["auto_bytes_per_token"] == (2 * 100 * 4 + 5 * 100 * 4) / 2
+    # int8: a byte per fired weight plus a float32 scale per output; the dense fallback in the weights' dtype
+    assert first["int8_sparse_bytes_per_token"] == 10 / 3 * 5 + 5 * 4
+    assert first["int8_auto_bytes_per_token"] == 8 * 5 * 4
+    assert second["int8_auto_bytes_per_token"] == ((2 * 100 + 100 * 4) + 5 * 100 * 4) / 2
     assert r["total"]["dense_bytes_per_token"] == 8 * 5 * 4 + 5 * 100 * 4
     assert r["mean_density"] == (10 / 24 * 8 + 0.5 * 5) / 13
 

@@ -9,7 +9,10 @@ length the monitored forward had:
 - dense_bytes_per_token = in x out x bytes per weight;
 - sparse_bytes_per_token = mean fired inputs x out x bytes per weight (the "on" mode);
 - auto_bytes_per_token = per token, sparse if it fired at most the layer's crossover density, else
-  dense (what the default "auto" mode reads).
+  dense (what the default "auto" mode reads);
+- int8_sparse_bytes_per_token, int8_auto_bytes_per_token: the same with set_sparse_inference(...,
+  int8=True), whose sparse product reads int8 weights (fired x out bytes) and one float32 scale per
+  output feature (out x 4 bytes); its dense fallback reads the weights in their own dtype.
 
 The embedding row (hidden x bytes per weight per token, the same in every mode) and activations,
 neuron and cache state are not counted: weights of the linears are what bounds decoding.
@@ -75,12 +78,17 @@ class SpikeDensityMonitor:
                 continue
             n_in, n_out, b, crossover = self.shapes[name]
             dense = n_in * n_out * b
-            auto = (t["auto_fired"] * n_out * b + (t["tokens"] - t["auto_sparse_tokens"]) * dense) / t["tokens"]
+            dense_tokens = t["tokens"] - t["auto_sparse_tokens"]
+            auto = (t["auto_fired"] * n_out * b + dense_tokens * dense) / t["tokens"]
+            auto_int8 = (t["auto_fired"] * n_out + t["auto_sparse_tokens"] * n_out * 4 + dense_tokens * dense) \
+                / t["tokens"]
             out[name] = {"in_features": n_in, "out_features": n_out, "bytes_per_weight": b,
                          "density": t["fired"] / (t["tokens"] * n_in), "crossover": crossover,
                          "auto_sparse_fraction": t["auto_sparse_tokens"] / t["tokens"],
                          "dense_bytes_per_token": dense, "sparse_bytes_per_token": t["fired"] / t["tokens"] * n_out * b,
-                         "auto_bytes_per_token": auto}
+                         "auto_bytes_per_token": auto,
+                         "int8_sparse_bytes_per_token": t["fired"] / t["tokens"] * n_out + n_out * 4,
+                         "int8_auto_bytes_per_token": auto_int8}
         return out
 
     def mean_density(self) -> float:
@@ -92,7 +100,8 @@ class SpikeDensityMonitor:
     def report(self) -> dict:
         layers = self.layers()
         total = {k: sum(r[k] for r in layers.values())
-                 for k in ("dense_bytes_per_token", "sparse_bytes_per_token", "auto_bytes_per_token")}
+                 for k in ("dense_bytes_per_token", "sparse_bytes_per_token", "auto_bytes_per_token",
+                           "int8_sparse_bytes_per_token", "int8_auto_bytes_per_token")}
         # density weighted by weights (what the bytes follow) as well as by inputs
         weights = sum(r["in_features"] * r["out_features"] for r in layers.values())
         by_weight = sum(r["density"] * r["in_features"] * r["out_features"] for r in layers.values()) / weights \
