@@ -134,6 +134,9 @@ def cmd_ppl(args, model, tokenizer) -> dict:
         windows = [ids[s:s + context] for s in range(0, ids.numel() - 1, context - 1)]
     if args.int8 and args.sparse == "off":
         raise UserError("--int8 quantises the sparse product's weights: it needs --sparse auto or on, not off")
+    if args.int8 and args.sparse == "auto" and args.mode == "parallel":
+        raise UserError("--int8 --sparse auto in parallel mode scores with the float product (auto is sparse only on "
+                        "calls of <= 16 rows): give --sparse on, or --mode streaming for decoding's own calls")
     if args.int8 and next(model.parameters()).device.type != "cpu":
         raise UserError("--int8: the sparse product runs on CPU only (give --device cpu)")
     if hasattr(model, "set_sparse_inference"):
@@ -143,12 +146,17 @@ def cmd_ppl(args, model, tokenizer) -> dict:
     chunk = args.chunk_size if args.chunk_size is not None else (1 if args.mode == "streaming" else None)
     if chunk is None and context == 0:
         chunk = 2048 if model.model.supports_cache else None  # bound memory on a long file
+    from spikelm.ops.spike_linear import kernel_calls
+
     t = time.perf_counter()
+    calls_before = kernel_calls()
     nll = __import__("torch").cat([token_nll(model, w, args.mode, chunk) for w in windows])
+    calls = {b: n - calls_before[b] for b, n in kernel_calls().items() if n > calls_before[b]}
     return {"perplexity": perplexity(nll), "unigram_ppl_of_text": unigram_perplexity(ids[None, 1:]),
             "nll": float(nll.mean()), "scored_tokens": int(nll.numel()),
             "windows": len(windows), "context": int(max(w.numel() for w in windows)), "mode": args.mode,
-            "chunk_size": chunk, "sparse": args.sparse, "int8": args.int8, "seconds": time.perf_counter() - t}
+            "chunk_size": chunk, "sparse": args.sparse, "int8": args.int8,
+            "spike_linear_calls": calls, "seconds": time.perf_counter() - t}
 
 
 def cmd_position(args, model, tokenizer) -> dict:

@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "where the measured density makes it pay; on: always; off: dense)")
     p.add_argument("--int8", action="store_true",
                    help="with --sparse auto|on: the sparse product reads int8 weights with one scale per output feature "
-                        "(a quarter of the bytes; perplexity changes slightly, see docs/sparse-inference.md)")
+                        "(a quarter of float32 weights' bytes; perplexity changes slightly, see docs/sparse-inference.md)")
     return p.parse_args(argv)
 
 
@@ -64,6 +64,14 @@ def report(stats: dict, gen, device) -> None:
     msg = (f"[generate] {stats['generated']} tokens in {secs:.2f} s ({rate:.1f} tokens/s); prompt "
            f"{stats['prompt_tokens']} tokens in {stats['prompt_seconds']:.2f} s; peak RSS {peak_rss_mib():.0f} MiB; "
            f"model state {gen.state_nbytes() / 1024:.1f} KiB; sparse {stats['sparse']}")
+    from spikelm.ops.spike_linear import kernel_calls
+
+    calls = {b: n - stats["calls_before"][b] for b, n in kernel_calls().items() if n > stats["calls_before"][b]}
+    if calls:
+        msg += " (spike_linear calls: " + ", ".join(f"{b} {n}" for b, n in calls.items()) + ")"
+    if stats["int8"] and stats["generated"] and not any(b.endswith("_int8") for b in calls):
+        msg += ("; --int8: no call took the int8 product (every layer is below the sparse crossover, or the C++ "
+                "kernel is not built): try --sparse on")
     if device.type == "cuda":
         msg += f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
     print(msg, file=sys.stderr, flush=True)
@@ -113,13 +121,14 @@ def main(argv=None) -> int:
     if args.compile:
         model.compile_decoding()
     from spikelm import StreamingGenerator
+    from spikelm.ops.spike_linear import kernel_calls
 
     gen = StreamingGenerator(model, tokenizer, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              repetition_penalty=args.repetition_penalty, penalty_window=args.penalty_window,
                              chunk_size=args.chunk_size, seed=args.seed, stop_at_eos=not args.ignore_eos)
     device = next(model.parameters()).device
     stats = {"generated": 0, "gen_seconds": 0.0, "prompt_tokens": 0, "prompt_seconds": 0.0,
-             "sparse": args.sparse + (" int8" if args.int8 else "")}
+             "sparse": args.sparse + (" int8" if args.int8 else ""), "int8": args.int8, "calls_before": kernel_calls()}
 
     def feed(text: str) -> int:
         t = time.perf_counter()

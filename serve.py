@@ -71,7 +71,7 @@ def default_state_dir(model_dir: str, fingerprint: str) -> Path:
 
 def build(args: argparse.Namespace):
     """(app, description) for parsed arguments; raises UserError naming a bad flag or model folder."""
-    from spikelm.eval.loading import UserError, load_model
+    from spikelm.eval.loading import UserError, load_model, resolve_device
 
     for name in ("max_batch", "prefill_chunk", "chunk_size", "max_prompt_tokens", "default_max_tokens",
                  "max_sessions"):
@@ -83,7 +83,7 @@ def build(args: argparse.Namespace):
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     if args.int8 and args.sparse == "off":
         raise UserError("--int8 quantises the sparse product's weights: it needs --sparse auto or on, not off")
-    if args.int8 and args.device != "cpu":
+    if args.int8 and resolve_device(args.device).type != "cpu":
         raise UserError(f"--int8: the sparse product runs on CPU only, got --device {args.device}")
     try:
         from spikelm.serving.app import create_app

@@ -287,8 +287,10 @@ def test_int8_flags(model_dir, text_file, capsys):
     with record_backends() as ran:
         assert generate.main(["--model", str(model_dir), "--prompt", "the spiking", "--max_new_tokens", "4",
                               "--temperature", "0", "--ignore_eos", "--sparse", "on", "--int8"]) == 0
-    assert "sparse on int8" in capsys.readouterr().err
-    assert {b for op, b in ran if op == "spike_linear"} <= {"c_int8", "torch_int8"} and ran
+    err = capsys.readouterr().err
+    assert "sparse on int8" in err and "_int8 " in err and "no call took" not in err  # the calls it made, by backend
+    backends = {b for op, b in ran if op == "spike_linear"}
+    assert backends and backends <= {"c_int8", "torch_int8"}
     assert generate.main(["--model", str(model_dir), "--prompt", "x", "--sparse", "off", "--int8"]) == 2
     assert "--int8" in capsys.readouterr().err
 
@@ -299,10 +301,11 @@ def test_int8_flags(model_dir, text_file, capsys):
         res = json.loads(capsys.readouterr().out)
         ppl[bool(flags)] = res["perplexity"]
         assert res["int8"] == bool(flags)
+        assert any(b.endswith("_int8") for b in res["spike_linear_calls"]) == bool(flags)
     assert ppl[True] != ppl[False] and abs(ppl[True] / ppl[False] - 1) < 0.05  # quantised: close, not equal
-    assert evaluate.main(["ppl", "--model", str(model_dir), "--text_file", str(text_file), "--sparse", "off",
-                          "--int8"]) == 2
-    assert "--int8" in capsys.readouterr().err
+    for bad in (["--sparse", "off"], []):  # off: no sparse product; auto in parallel: a float score
+        assert evaluate.main(["ppl", "--model", str(model_dir), "--text_file", str(text_file), *bad, "--int8"]) == 2
+        assert "--int8" in capsys.readouterr().err
 
 
 def test_generate_interactive_keeps_state(model_dir, monkeypatch, capsys):

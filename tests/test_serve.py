@@ -344,6 +344,12 @@ def test_int8_flag_sets_the_model_or_names_the_conflict(model_dir, tmp_path, cap
     serve.build(serve.parse_args(["--model", str(model_dir), "--state_dir", str(tmp_path), "--sparse", "on",
                                   "--int8"]))  # the app only: its engine starts with the server
     assert calls == [("on", True)]
+    model, _ = load_model(str(model_dir), "cpu", None)  # int8 states differ from float ones: never the same key
+    before = model_fingerprint(model)
+    model.set_sparse_inference("on")
+    assert model_fingerprint(model) == before
+    model.set_sparse_inference("on", int8=True)
+    assert model_fingerprint(model) != before
 
 
 def test_api_key_guards_every_endpoint_but_health(strict_server):

@@ -77,10 +77,13 @@ def _hash_tensors(h, tensors: dict[str, torch.Tensor], separator: str = ""):
 
 
 def model_fingerprint(model) -> str:
-    """A hash of the model's configuration and weights (dtype included): states of another model never match."""
+    """A hash of the model's configuration and weights (dtype included), and of whether its sparse product reads
+    int8 weights (set_sparse_inference(int8=True) computes other states): states of another model never match."""
     h = hashlib.blake2b(digest_size=16)
     cfg = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    if any(getattr(m, "sparse_int8", False) for m in model.modules()):
+        h.update(b"sparse_int8")  # (nothing added otherwise: float models keep their fingerprints)
     return _hash_tensors(h, model.state_dict()).hexdigest()
 
 
