@@ -8,7 +8,7 @@ SpikeLM rows: `spikelm` (dense, eager), `spikelm_compiled` (dense, compile_decod
 `spikelm_sparse` and `spikelm_sparse_compiled` (set_sparse_inference(--sparse-mode), default "auto":
 the event-driven product where the measured density makes it pay), `spikelm_sparse_int8` and
 `spikelm_sparse_int8_compiled` (the same, its sparse product reading int8 weights with one scale per
-output feature: a quantised model, so its tokens may differ from dense; `evaluate.py ppl --int8` gives
+output feature: a quantised model, so its tokens may differ from dense; `evaluate.py ppl --sparse on --int8` gives
 its perplexity). Every SpikeLM row decodes the same weights from the same prompt, and the JSON
 records whether its greedy tokens equal the dense eager row's. Bytes of weights read per token: for SpikeLM, from the spike density of the
 spike-fed linears measured on the dense eager row's first --density-tokens steps (spikelm.eval.
