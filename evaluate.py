@@ -116,7 +116,7 @@ def unigram_perplexity(ids) -> float:
 
 def cmd_ppl(args, model, tokenizer) -> dict:
     from spikelm.eval import perplexity, token_nll
-    from spikelm.eval.loading import UserError, training_length
+    from spikelm.eval.loading import UserError, check_sparse_flags, training_length
 
     ids = _tokens(tokenizer, args.text, args.max_tokens)
     context = args.context if args.context is not None else (training_length(args.model, args.revision) or 512)
@@ -132,13 +132,10 @@ def cmd_ppl(args, model, tokenizer) -> dict:
         # consecutive windows share one token, so every token after the first is scored exactly once
         # (the text's tail included), each with 1..context-1 tokens of context
         windows = [ids[s:s + context] for s in range(0, ids.numel() - 1, context - 1)]
-    if args.int8 and args.sparse == "off":
-        raise UserError("--int8 quantises the sparse product's weights: it needs --sparse auto or on, not off")
+    check_sparse_flags(args.sparse, args.int8, next(model.parameters()).device)
     if args.int8 and args.sparse == "auto" and args.mode == "parallel":
         raise UserError("--int8 --sparse auto in parallel mode scores with the float product (auto is sparse only on "
                         "calls of <= 16 rows): give --sparse on, or --mode streaming for decoding's own calls")
-    if args.int8 and next(model.parameters()).device.type != "cpu":
-        raise UserError("--int8: the sparse product runs on CPU only (give --device cpu)")
     if hasattr(model, "set_sparse_inference"):
         model.set_sparse_inference(args.sparse, int8=args.int8)
     elif args.sparse != "auto" or args.int8:

@@ -79,7 +79,7 @@ def report(stats: dict, gen, device) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from spikelm.eval.loading import UserError, load_model, read_text_file
+    from spikelm.eval.loading import UserError, check_sparse_flags, load_model, read_text_file, resolve_device
     from spikelm.models.streaming import SamplingParams
 
     try:
@@ -97,15 +97,12 @@ def main(argv=None) -> int:
             prompt = read_text_file(args.prompt_file, "--prompt_file")
         else:
             prompt = args.prompt
-        if args.int8 and args.sparse == "off":
-            raise UserError("--int8 quantises the sparse product's weights: it needs --sparse auto or on, not off")
+        check_sparse_flags(args.sparse, args.int8, resolve_device(args.device))
         if prompt is None and not args.interactive:
             raise UserError("give --prompt TEXT or --prompt_file FILE (or --interactive)")
         if prompt is not None and not prompt.strip() and not args.interactive:
             raise UserError("the prompt is empty: give at least one character of text")
         model, tokenizer = load_model(args.model, args.device, args.dtype, revision=args.revision)
-        if args.int8 and next(model.parameters()).device.type != "cpu":
-            raise UserError("--int8: the sparse product runs on CPU only (give --device cpu)")
         if not model.model.supports_cache:
             raise UserError(f"--model {args.model}: a PSN model keeps no state between tokens, so it cannot "
                             "stream in constant memory (use model.generate() from Python)")

@@ -71,7 +71,7 @@ def default_state_dir(model_dir: str, fingerprint: str) -> Path:
 
 def build(args: argparse.Namespace):
     """(app, description) for parsed arguments; raises UserError naming a bad flag or model folder."""
-    from spikelm.eval.loading import UserError, load_model, resolve_device
+    from spikelm.eval.loading import UserError, check_sparse_flags, load_model, resolve_device
 
     for name in ("max_batch", "prefill_chunk", "chunk_size", "max_prompt_tokens", "default_max_tokens",
                  "max_sessions"):
@@ -81,10 +81,7 @@ def build(args: argparse.Namespace):
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
-    if args.int8 and args.sparse == "off":
-        raise UserError("--int8 quantises the sparse product's weights: it needs --sparse auto or on, not off")
-    if args.int8 and resolve_device(args.device).type != "cpu":
-        raise UserError(f"--int8: the sparse product runs on CPU only, got --device {args.device}")
+    check_sparse_flags(args.sparse, args.int8, resolve_device(args.device))
     try:
         from spikelm.serving.app import create_app
     except ImportError as e:

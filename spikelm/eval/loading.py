@@ -26,6 +26,14 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+def check_sparse_flags(sparse: str, int8: bool, device: torch.device) -> None:
+    """The scripts' --sparse / --int8 pair: int8 quantises the sparse product's weights, which runs on CPU."""
+    if int8 and sparse == "off":
+        raise UserError("--int8 quantises the sparse product's weights: it needs --sparse auto or on, not off")
+    if int8 and device.type != "cpu":
+        raise UserError(f"--int8: the sparse product runs on CPU only, got device {device} (give --device cpu)")
+
+
 def resolve_dtype(dtype: str | None) -> torch.dtype | None:
     if dtype in (None, "", "auto"):
         return None
