@@ -408,3 +408,14 @@ def test_bad_files(model_dir, tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
     assert evaluate.main(["position", "--model", str(model_dir), "--text_file", str(short_text(tmp_path))]) == 2
     assert "fewer than one window" in capsys.readouterr().err
+
+
+def test_check_sparse_flags_names_the_conflict():
+    from spikelm.eval.loading import UserError, check_sparse_flags
+
+    check_sparse_flags("auto", True, torch.device("cpu"))
+    check_sparse_flags("off", False, torch.device("cuda"))  # no int8: nothing to check
+    with pytest.raises(UserError, match="--sparse auto or on"):
+        check_sparse_flags("off", True, torch.device("cpu"))
+    with pytest.raises(UserError, match="CPU only"):
+        check_sparse_flags("on", True, torch.device("cuda"))  # (only the device's type is read: no GPU needed)
