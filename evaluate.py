@@ -143,12 +143,12 @@ def cmd_ppl(args, model, tokenizer) -> dict:
     chunk = args.chunk_size if args.chunk_size is not None else (1 if args.mode == "streaming" else None)
     if chunk is None and context == 0:
         chunk = 2048 if model.model.supports_cache else None  # bound memory on a long file
-    from spikelm.ops.spike_linear import kernel_calls
+    from spikelm.ops.spike_linear import kernel_calls, kernel_calls_since
 
     t = time.perf_counter()
     calls_before = kernel_calls()
     nll = __import__("torch").cat([token_nll(model, w, args.mode, chunk) for w in windows])
-    calls = {b: n - calls_before[b] for b, n in kernel_calls().items() if n > calls_before[b]}
+    calls = kernel_calls_since(calls_before)
     return {"perplexity": perplexity(nll), "unigram_ppl_of_text": unigram_perplexity(ids[None, 1:]),
             "nll": float(nll.mean()), "scored_tokens": int(nll.numel()),
             "windows": len(windows), "context": int(max(w.numel() for w in windows)), "mode": args.mode,

@@ -64,9 +64,9 @@ def report(stats: dict, gen, device) -> None:
     msg = (f"[generate] {stats['generated']} tokens in {secs:.2f} s ({rate:.1f} tokens/s); prompt "
            f"{stats['prompt_tokens']} tokens in {stats['prompt_seconds']:.2f} s; peak RSS {peak_rss_mib():.0f} MiB; "
            f"model state {gen.state_nbytes() / 1024:.1f} KiB; sparse {stats['sparse']}")
-    from spikelm.ops.spike_linear import kernel_calls
+    from spikelm.ops.spike_linear import kernel_calls_since
 
-    calls = {b: n - stats["calls_before"][b] for b, n in kernel_calls().items() if n > stats["calls_before"][b]}
+    calls = kernel_calls_since(stats["calls_before"])
     if calls:
         msg += " (spike_linear calls: " + ", ".join(f"{b} {n}" for b, n in calls.items()) + ")"
     if stats["int8"] and stats["generated"] and not any(b.endswith("_int8") for b in calls):

@@ -43,7 +43,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCau
 from spikelm import SpikeLMConfig, SpikeLMForCausalLM
 from spikelm.eval.sparsity import SpikeDensityMonitor
 from spikelm.models import CACHE_NAME
-from spikelm.ops.spike_linear import kernel_calls, layouts_nbytes
+from spikelm.ops.spike_linear import kernel_calls, kernel_calls_since, layouts_nbytes
 from timing import Stopwatch
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -242,7 +242,7 @@ def main() -> None:
         warmup_s = sw.wall
         calls_before = kernel_calls()  # (counters, not record_backends: noting each eager call would be timed too)
         latencies, cpu_times, marks, tokens = decode(model, prompt, args.max_tokens, checkpoints)
-        calls = {b: n - calls_before[b] for b, n in kernel_calls().items() if n > calls_before[b]}
+        calls = kernel_calls_since(calls_before)
         # on a shared machine wall time measures the neighbours too: with one thread, process CPU
         # time per token is the model's own cost
         series = cpu_times if args.clock == "cpu" else latencies

@@ -285,6 +285,11 @@ def kernel_calls() -> dict[str, int]:
     return out
 
 
+def kernel_calls_since(before: dict[str, int]) -> dict[str, int]:
+    """The backends that ran since `before` (an earlier kernel_calls()), with how many calls each."""
+    return {b: n - before[b] for b, n in kernel_calls().items() if n > before[b]}
+
+
 def spike_linear(spikes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  max_density: float = 1.0, int8: bool = False) -> torch.Tensor:
     """spikes [..., in] (integer spike counts, float storage) @ weight.T ([out, in], nn.Linear's layout) + bias.
