@@ -63,6 +63,13 @@ def test_loss_shifts_labels_inside():
     labels[:, :5] = -100
     want = torch.nn.functional.cross_entropy(out.logits[:, 4:-1].reshape(-1, 97), ids[:, 5:].reshape(-1))
     torch.testing.assert_close(model(ids, labels=labels).loss, want)
+    # right padding: no target at or after a padded position, and the row's last token predicts nothing
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    out = model(ids, attention_mask=mask, labels=ids)
+    kept = [out.logits[0, :-1], out.logits[1, :8]]
+    want = torch.nn.functional.cross_entropy(torch.cat(kept), torch.cat([ids[0, 1:], ids[1, 1:9]]))
+    torch.testing.assert_close(out.loss, want)
 
 
 def test_logits_to_keep():

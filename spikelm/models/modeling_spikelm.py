@@ -481,11 +481,13 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
             if labels.shape != spikes.shape[:2]:
                 raise ValueError(f"labels must have shape {tuple(spikes.shape[:2])}, got {tuple(labels.shape)}")
             logits_all = self.lm_head(spikes)
-            targets = labels[:, 1:].long()
+            # the targets shift left (the last position predicts nothing): slicing the logits instead would
+            # copy them, and its backward would zero-fill and copy a [B, T, vocab] gradient
+            targets = F.pad(labels[:, 1:].long(), (0, 1), value=-100)
             if attention_mask is not None:
-                targets = targets.masked_fill(~attention_mask[:, -labels.shape[1]:][:, 1:].bool(), -100)
-            loss = F.cross_entropy(logits_all[:, :-1].float().reshape(-1, logits_all.shape[-1]),
-                                   targets.reshape(-1), ignore_index=-100)
+                targets = targets.masked_fill(~attention_mask[:, -labels.shape[1]:].bool().roll(-1, dims=1), -100)
+            loss = F.cross_entropy(logits_all.float().reshape(-1, logits_all.shape[-1]), targets.reshape(-1),
+                                   ignore_index=-100)
             if out.firing_loss is not None:
                 loss = loss + self.config.firing_loss_coef * out.firing_loss
             logits = logits_all if not logits_to_keep else logits_all[:, -logits_to_keep:]
