@@ -836,3 +836,13 @@ def test_fsdp_two_cpu_processes_match_one_checkpoint_and_resume_exactly(data, tm
     shutil.rmtree(resumed / "checkpoint-6")
     _launch(_multi_argv(data, resumed) + ["--resume_from_checkpoint", "latest"], fsdp)
     _assert_close_runs(out, resumed, 0.0)
+
+
+def test_sample_max_new_tokens_zero_skips_the_sample(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(parse_args(tiny_argv(data, out, max_steps=1, save_steps=0, eval_steps=0, sample_prompt="the",
+                               sample_max_new_tokens=0)))
+    assert "sample:" not in capsys.readouterr().out
+    train(parse_args(tiny_argv(data, tmp_path / "run2", max_steps=1, save_steps=0, eval_steps=0, sample_prompt="the",
+                               sample_max_new_tokens=3)))
+    assert "sample:" in capsys.readouterr().out

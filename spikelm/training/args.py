@@ -115,7 +115,7 @@ class TrainArgs:
                         "clearml, dvclive, swanlab; or none, or all (csv + every installed tracker)", "csv", "run")
     disable_tqdm: bool = _h("no progress bar", False, "run")
     sample_prompt: str | None = _h("after training, print a sample continuing this prompt", None, "run")
-    sample_max_new_tokens: int = _h("tokens of that sample", 60, "run")
+    sample_max_new_tokens: int = _h("tokens of that sample (0: no sample)", 60, "run")
     model: dict = field(default_factory=dict, metadata={"help": "SpikeLMConfig fields (filled from the model keys)",
                                                          "group": "internal"})
 

@@ -585,7 +585,7 @@ class _Run:
 
     def sample(self) -> str | None:
         args = self.args
-        if not (args.sample_prompt and self.main and self.tokenizer is not None):
+        if not (args.sample_prompt and args.sample_max_new_tokens > 0 and self.main and self.tokenizer is not None):
             return None
         model = self.unwrapped
         if self.sharded:  # generate on a plain copy of the saved model (a sharded forward is collective)
