@@ -102,6 +102,12 @@ static void logits_of_row(const Problem *p, const float **tap, int64_t c0, int l
     const float *restrict bias = p->bias + c0;
     const float *restrict w0 = p->wT + c0;
     const float *restrict t0 = tap[0];
+    if (p->k == 4) { /* the default taps in one pass, summed in the same order as below */
+        const float *restrict w1 = w0 + p->C, *restrict w2 = w1 + p->C, *restrict w3 = w2 + p->C;
+        const float *restrict t1 = tap[1], *restrict t2 = tap[2], *restrict t3 = tap[3];
+        for (int c = 0; c < len; ++c) a[c] = bias[c] + w0[c] * t0[c] + w1[c] * t1[c] + w2[c] * t2[c] + w3[c] * t3[c];
+        return;
+    }
     for (int c = 0; c < len; ++c) a[c] = bias[c] + w0[c] * t0[c];
     for (int j = 1; j < p->k; ++j) {
         const float *restrict wj = p->wT + j * p->C + c0;
