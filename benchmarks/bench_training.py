@@ -35,6 +35,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 from timing import Stopwatch  # noqa: E402
 
+from spikelm.training import adamw  # noqa: E402
+
 VOCAB, HIDDEN = 8192, 384
 
 
@@ -84,7 +86,7 @@ def matched_layers(build, target: int, lo: int = 1, hi: int = 64) -> int:
 def time_steps(model, block: int, tokens: int, steps: int, warmup: int, budget_s: float) -> dict:
     batch = max(1, tokens // block)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = adamw([{"params": list(model.parameters())}], lr=1e-4)  # train.py's optimizer (fused where it can be)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, VOCAB, (batch, block), generator=g)
     times = []
