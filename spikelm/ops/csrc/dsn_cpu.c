@@ -134,9 +134,10 @@ static int64_t item_range(int64_t item, int64_t parts, int64_t C, int64_t *b, in
 }
 
 /* One time step t over the channels [lo, lo + width): hout = H_t from hprev = H_{t-1} (ignored at a document
-   start, which starts from the document's initial state or 0; hout may be hprev); spikes S_t into srow if given. */
+   start, which starts from the document's initial state or 0; hout may be hprev); spikes S_t into srow if given;
+   alpha, 1 - alpha and dln into dec[0..width), dec[width..2 width), dec[2 width..3 width) if given. */
 static void step_row(const Problem *p, int64_t b, int64_t t, int64_t lo, int64_t width, const float *zeros,
-                     const float *hprev, float *hout, float *srow) {
+                     const float *hprev, float *hout, float *srow, float *dec) {
     float a[BLOCK], alpha[BLOCK], om[BLOCK], dln[BLOCK];
     const float *tap[MAX_TAPS], *tap_c[MAX_TAPS];
     int64_t doc = p->start_doc ? p->start_doc[t] : (t == 0 ? b : -1);
@@ -153,6 +154,11 @@ static void step_row(const Problem *p, int64_t b, int64_t t, int64_t lo, int64_t
         const float *xt = p->x + b * p->sxb + t * p->sxt + lo + c0, *hp = hprev + c0;
         float *ho = hout + c0;
         for (int c = 0; c < len; ++c) ho[c] = hp[c] + om[c] * (xt[c] - hp[c]); /* not alpha h + om x: see the header */
+        if (dec) {
+            memcpy(dec + c0, alpha, len * sizeof(float));
+            memcpy(dec + width + c0, om, len * sizeof(float));
+            memcpy(dec + 2 * width + c0, dln, len * sizeof(float));
+        }
         if (srow) {
             float *st = srow + c0;
             for (int c = 0; c < len; ++c) {
@@ -188,7 +194,7 @@ int dsn_cpu_forward(const float *x, const float *hist, const float *h0, const fl
         }
         float zeros[BLOCK] = {0};
         for (int64_t t = 0; t < T; ++t) {
-            step_row(&p, b, t, lo, width, zeros, h, h, spikes + (b * T + t) * C + lo);
+            step_row(&p, b, t, lo, width, zeros, h, h, spikes + (b * T + t) * C + lo, NULL);
             if (t % K == K - 1 || t == T - 1) memcpy(Hc + (b * nblk + t / K) * C + lo, h, width * sizeof(float));
             int64_t end = end_doc ? end_doc[t] : (t == T - 1 ? b : -1);
             if (end >= 0) memcpy(finals + end * C + lo, h, width * sizeof(float));
@@ -218,8 +224,9 @@ int dsn_cpu_backward(const float *x, const float *hist, const float *h0, const f
         if (width <= 0) continue;
         /* per channel of the range: u_{t+1}, alpha_{t+1}, the ring of d a' of rows t+1 .. t+k-1 (slot row % (k-1),
            zeroed across a document start), and the conv's weight and bias gradients */
-        /* then the block's recomputed membranes Hb [K][width] */
-        float *state = calloc((size_t)width * (3 + 2 * k + K), sizeof(float));
+        /* then the block's recomputed membranes Hb [K][width], and its rows' alpha, 1 - alpha and dln Db [K][3][width]
+           (kept from the recomputation rather than computed again) */
+        float *state = calloc((size_t)width * (3 + 2 * k + 4 * K), sizeof(float));
         if (!state) {
 #pragma omp atomic write
             failed = 1;
@@ -227,8 +234,8 @@ int dsn_cpu_backward(const float *x, const float *hist, const float *h0, const f
         }
         float *u_next = state, *om_next = state + width, *db = state + 2 * width;
         float *dw = state + 3 * width, *ring = state + (3 + k) * width; /* dw [k][width], ring [k-1][width] */
-        float *Hb = state + (2 + 2 * k) * width;
-        float zeros[BLOCK] = {0}, a[BLOCK], alpha[BLOCK], om[BLOCK], dln[BLOCK], u[BLOCK], da[BLOCK];
+        float *Hb = state + (2 + 2 * k) * width, *Db = Hb + K * width;
+        float zeros[BLOCK] = {0}, u[BLOCK], da[BLOCK];
         const float *tap[MAX_TAPS], *tap_c[MAX_TAPS];
         for (int64_t t = T - 1; t >= 0; --t) {
             int64_t row = b * T + t, t0 = t / K * K;
@@ -236,7 +243,7 @@ int dsn_cpu_backward(const float *x, const float *hist, const float *h0, const f
                 const float *before = t0 > 0 ? Hc + (b * nblk + t0 / K - 1) * C + lo : Hb; /* (row 0 starts afresh) */
                 for (int64_t r = t0; r <= t; ++r)
                     step_row(&p, b, r, lo, width, zeros, r > t0 ? Hb + (r - t0 - 1) * width : before,
-                             Hb + (r - t0) * width, NULL);
+                             Hb + (r - t0) * width, NULL, Db + (r - t0) * 3 * width);
             }
             taps_of_row(&p, b, t, lo, zeros, tap);
             int64_t end = end_doc ? end_doc[t] : (t == T - 1 ? b : -1);
@@ -245,8 +252,8 @@ int dsn_cpu_backward(const float *x, const float *hist, const float *h0, const f
                 int len = (int)(width - c0 < BLOCK ? width - c0 : BLOCK);
                 int64_t off = lo + c0; /* channel offset in the full row */
                 for (int j = 0; j < k; ++j) tap_c[j] = tap[j] == zeros ? zeros : tap[j] + c0;
-                logits_of_row(&p, tap_c, off, len, a);
-                decay_terms(n, len, a, alpha, om, dln);
+                const float *dec = Db + (t - t0) * 3 * width + c0;
+                const float *alpha = dec, *om = dec + width, *dln = dec + 2 * width;
                 const float *Ht = Hb + (t - t0) * width + c0, *xt = x + b * sxb + t * sxt + off;
                 float *un = u_next + c0, *on = om_next + c0; /* alpha_{t+1} u_{t+1} = un - on un */
                 /* u = dS S'(H) + alpha_{t+1} u_{t+1} (+ the final state's gradient at a document's last row) */
