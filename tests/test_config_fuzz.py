@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spikelm import SpikeLMConfig, SpikeLMForCausalLM
-from spikelm.training import ConfigError, parse_args
+from spikelm.training import ConfigError, adamw, parse_args
 from spikelm.training.args import LR_SCHEDULERS, TrainArgs, all_keys
 
 
@@ -274,8 +274,8 @@ def test_accepted_optimizer_flags_build_adamw_and_scheduler(tmp_path_factory, lr
         return
     set_seed(a.seed)
     p = torch.nn.Parameter(torch.ones(3))
-    opt = torch.optim.AdamW([p], lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
-                            weight_decay=a.weight_decay)
+    opt = adamw([{"params": [p]}], lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
+                weight_decay=a.weight_decay)  # train.py's optimizer
     scheduler = get_scheduler(a.lr_scheduler_type, opt, num_warmup_steps=a.warmup_steps, num_training_steps=a.max_steps)
     for _ in range(2):
         p.grad = torch.ones(3)

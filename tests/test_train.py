@@ -846,3 +846,24 @@ def test_sample_max_new_tokens_zero_skips_the_sample(data, tmp_path, capsys):
     train(parse_args(tiny_argv(data, tmp_path / "run2", max_steps=1, save_steps=0, eval_steps=0, sample_prompt="the",
                                sample_max_new_tokens=3)))
     assert "sample:" in capsys.readouterr().out
+
+
+def test_adamw_is_fused_where_every_parameter_can_be_and_resume_keeps_it():
+    from spikelm.training import adamw
+    from spikelm.training.distributed import load_optimizer_state
+
+    cpu = torch.nn.Linear(3, 2)
+    assert adamw([{"params": list(cpu.parameters())}]).param_groups[0]["fused"] is True
+    # the device the parameters will be moved to decides, not where they are when the optimizer is built
+    assert adamw([{"params": list(cpu.parameters())}], device="meta").param_groups[0]["fused"] is None
+    with torch.device("meta"):
+        meta = torch.nn.Linear(3, 2)
+    assert adamw([{"params": list(meta.parameters())}]).param_groups[0]["fused"] is None
+    # an older checkpoint's groups (saved unfused) must not switch this run's fused update off
+    old = torch.optim.AdamW(cpu.parameters())
+    cpu(torch.ones(1, 3)).sum().backward()
+    old.step()
+    opt = adamw([{"params": list(cpu.parameters())}])
+    load_optimizer_state(cpu, opt, old.state_dict(), sharded=False)
+    assert opt.param_groups[0]["fused"] is True and opt.state[cpu.weight]["step"].item() == 1
+    opt.step()

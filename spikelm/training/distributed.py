@@ -81,11 +81,16 @@ def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict | None, 
     """The inverse of full_optimizer_state: under FSDP the main process's full state is scattered to the
     shards (the other processes pass None)."""
     inner = getattr(optimizer, "optimizer", optimizer)
+    # the implementation (fused, foreach) is this run's choice, not the saved one: load_state_dict would take
+    # the saved groups' (an older checkpoint's fused=None would turn the fused update off)
+    chosen = [{k: g.get(k) for k in ("fused", "foreach")} for g in inner.param_groups]
     if not sharded:
         inner.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-    set_optimizer_state_dict(model, inner, state or {}, options=_options(broadcast_from_rank0=True))
+    else:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        set_optimizer_state_dict(model, inner, state or {}, options=_options(broadcast_from_rank0=True))
+    for group, keep in zip(inner.param_groups, chosen):
+        group.update(keep)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
