@@ -3,8 +3,10 @@
 Each process measures, on one thread, the microseconds per call of three ops a decoding step is made of:
 `spike_linear` (the C++ kernel, a 1280 x 320 float32 weight, 1/8 of the inputs fired, batch 1), its int8
 product, and `torch.add` on 1280 floats (nothing but the dispatcher's fixed cost). It runs them in
---processes fresh processes with the address layout randomised as usual (ASLR, random hash seed), then
-in as many with it fixed (`setarch -R`, PYTHONHASHSEED=0: every process gets the same layout):
+--processes fresh processes with the address layout randomised as usual (ASLR, random hash seed) and
+in as many with it fixed (`setarch -R`, PYTHONHASHSEED=0: every process gets the same layout), the two
+modes alternating so that a drift in the machine's load reaches both alike (where `setarch -R` is
+missing or not permitted, only the randomised mode runs):
 
     python benchmarks/bench_process_layout.py [--processes 8]
 
@@ -25,14 +27,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULT = HERE / "results" / "process_layout.json"
+sys.path.insert(0, str(HERE))
+from timing import Stopwatch, cpu_info  # noqa: E402
 
 
 def measure() -> dict:
     """One process's figures (microseconds per call, the median of 7 loops)."""
     import torch
 
-    sys.path.insert(0, str(HERE))
-    from timing import Stopwatch
     from spikelm.ops.spike_linear import kernel_calls, spike_linear
 
     torch.set_num_threads(1)
@@ -59,17 +61,22 @@ def measure() -> dict:
     return out
 
 
-def run_processes(n: int, fixed: bool) -> list[dict]:
+def fixed_layout_works() -> bool:
+    """Whether `setarch -R` runs here (it is missing on some systems; containers may forbid turning ASLR off)."""
+    if not shutil.which("setarch"):
+        return False
+    return subprocess.run(["setarch", platform.machine(), "-R", "true"], capture_output=True).returncode == 0
+
+
+def run_process(fixed: bool) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child"]
     env = dict(os.environ)
+    env.pop("PYTHONHASHSEED", None)  # an inherited seed would fix the "randomised" layout's hash seed
     if fixed:
         cmd = ["setarch", platform.machine(), "-R", *cmd]
         env["PYTHONHASHSEED"] = "0"
-    rows = []
-    for _ in range(n):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    return rows
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def summary(rows: list[dict], key: str) -> tuple[float, float, float]:
@@ -87,9 +94,12 @@ def main(argv=None) -> None:
         return
     if args.processes < 1:
         raise SystemExit("--processes must be >= 1")
-    modes = ["randomised"] + (["fixed"] if shutil.which("setarch") else [])
+    modes = ["randomised"] + (["fixed"] if fixed_layout_works() else [])
     load_before = os.getloadavg()
-    results = {mode: run_processes(args.processes, mode == "fixed") for mode in modes}
+    results = {mode: [] for mode in modes}
+    for _ in range(args.processes):
+        for mode in modes:
+            results[mode].append(run_process(mode == "fixed"))
     load_after = os.getloadavg()
     keys = ["spike_linear_us", "spike_linear_int8_us", "add_us"]
     print("| layout | process | " + " | ".join(keys) + " |")
@@ -105,8 +115,7 @@ def main(argv=None) -> None:
         print(f"| {mode} | median (min-max) | " + " | ".join(cells) + " |")
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps({
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or
-        platform.machine(), "cpus": os.cpu_count(), "load_before": load_before, "load_after": load_after,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": cpu_info(), "load_before": load_before, "load_after": load_after,
         "command": "python benchmarks/bench_process_layout.py --processes " + str(args.processes),
         "results": results}, indent=1) + "\n")
     print(f"wrote {RESULT}")

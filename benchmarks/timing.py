@@ -3,6 +3,7 @@
     with Stopwatch(device) as sw:      # one measurement: sw.wall, sw.cpu (seconds)
         step()
     wall, cpu = best_time(fn, device, warmup=1, repeat=5)
+    cpu_info()                         # the CPU's model name and vector extensions, for a result file
 
 Wall time is what a user waits for; CPU time is this process's own work (all its threads), which a
 shared machine's other jobs do not inflate the way they inflate wall time: the benchmarks report
@@ -11,9 +12,33 @@ taken from CUDA events around the block (the kernels' time, not the launch queue
 """
 from __future__ import annotations
 
+import os
+import platform
 import time
 
 import torch
+
+_SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "neon", "asimd", "sve")
+
+
+def cpu_info() -> dict:
+    """This CPU as a result file records it: model name (cpu family / model where a VM masks the name), vector
+    extensions, logical CPUs, and torch's CPU capability (the widest SIMD its kernels use here)."""
+    info = {"machine": platform.machine(), "model": platform.processor() or platform.machine(), "flags": []}
+    try:
+        with open("/proc/cpuinfo") as f:
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        info["model"] = fields.get("model name", info["model"])
+        if "cpu family" in fields:
+            info["family_model"] = f"{fields['cpu family']}/{fields.get('model', '?')}"
+        present = set(fields.get("flags", fields.get("Features", "")).split())
+        info["flags"] = [f for f in _SIMD_FLAGS if f in present]
+    except OSError:
+        pass
+    info["cpus"] = os.cpu_count()
+    info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    return info
 
 
 def _device(device) -> torch.device:
