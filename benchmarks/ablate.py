@@ -201,6 +201,13 @@ def run(size: str, row: str, seed: int) -> dict:
     return res
 
 
+# where a row's description at tiny does not fit another size
+SIZE_DESCRIPTIONS = {
+    ("corpus10m", "base"): "config_version 1 defaults, the corpus's documents (one per JSONL row)",
+    ("corpus10m", "v2_a1_n8_lr1e-2"): "configs/tiny.yaml's recipe: version 2, atan alpha 1, N = 8, learning rate 1e-2",
+}
+
+
 def table() -> str:
     import math
 
@@ -220,7 +227,8 @@ def table() -> str:
         ev = f"{sum(f['events_per_neuron_step'] for f in fire) / len(fire):.3f}" if fire else "-"
         delta = f"{mean - base[size]:+.4f}" if size in base and row != "base" else "-"
         times = ", ".join(f"{r['train_seconds']:.0f} ({r['loadavg_before'][0]:.1f})" for r in rs)
-        lines.append(f"| {size} | {row} | {ROWS.get(row, ('?',))[0]} | {len(rs)} | "
+        what = SIZE_DESCRIPTIONS.get((size, row)) or ROWS.get(row, ("?",))[0]
+        lines.append(f"| {size} | {row} | {what} | {len(rs)} | "
                      + ", ".join(f"{r['val_loss']:.4f}" for r in rs) + f" | {mean:.4f} | {math.exp(mean):.1f} | {delta} | "
                      f"{rs[0]['parameters'] / 1e6:.3f}M | {times} | {rate} | {ev} |")
     commands = sorted({(r["size"], r["row"], r["command"]) for rs in results.values() for r in rs})
