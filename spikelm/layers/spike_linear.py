@@ -18,6 +18,11 @@ decoding step), its `sparse_mode` picks the product:
 feature (ops.spike_linear's int8 layout); the dense path stays in the weights' own dtype.
 
 SpikeLMForCausalLM.set_sparse_inference(mode) sets the mode of every SpikeLinear of a model.
+
+Training (a gradient to compute) on CPU runs ops.spike_matmul where `sparse_training` is True (the
+default): the forward and the weight's gradient walk only the inputs that fired, where few enough did
+(its MAX_DENSITY), and the dense products run otherwise; the results equal F.linear's up to float32
+rounding. SpikeLMForCausalLM.set_sparse_training(False) makes training dense.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.spike_linear import c_kernel_runs, spike_linear
+from ..ops.spike_matmul import spike_matmul
 
 SPARSE_MODES = ("auto", "on", "off")
 # "auto" takes the sparse path for at most this many rows (batch x tokens): decoding steps, not prefill
@@ -60,6 +66,7 @@ class SpikeLinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device, dtype)
         self.sparse_mode = "auto"
         self.sparse_int8 = False
+        self.sparse_training = True
         self.crossover = crossover_density(in_features, out_features)
 
     def extra_repr(self) -> str:
@@ -67,14 +74,29 @@ class SpikeLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self.sparse_mode
-        if mode != "off" and x.device.type == "cpu" and not (
-                torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+        training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if training:
+            if self.sparse_training and x.device.type == "cpu":
+                return spike_matmul(x, self.weight, self.bias)
+        elif mode != "off" and x.device.type == "cpu":
             if mode == "on":
                 return spike_linear(x, self.weight, self.bias, 1.0, self.sparse_int8)
             # the crossover is the C++ kernel's: where only the torch kernel runs, "auto" stays dense
             if self.crossover > 0 and x.numel() <= AUTO_MAX_ROWS * self.in_features and c_kernel_runs():
                 return spike_linear(x, self.weight, self.bias, self.crossover, self.sparse_int8)
         return F.linear(x, self.weight, self.bias)
+
+
+def set_sparse_training(module: nn.Module, enabled: bool) -> int:
+    """Set sparse_training on every SpikeLinear inside module; returns how many there are."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"sparse training must be True or False, got {enabled!r}")
+    n = 0
+    for m in module.modules():
+        if isinstance(m, SpikeLinear):
+            m.sparse_training = enabled
+            n += 1
+    return n
 
 
 def set_sparse_mode(module: nn.Module, mode: str, int8: bool = False) -> int:

@@ -21,7 +21,7 @@ from transformers.generation.utils import ALL_CACHE_NAMES
 from transformers.utils import ModelOutput, logging
 
 from ..layers import (NeuronLayer, RMSNorm, SequenceContext, SpikeLinear, SpikingAttentionBlock, SpikingSSMBlock,
-                      set_sparse_mode)
+                      set_sparse_mode, set_sparse_training)
 from ..neurons import DSN, PSN, SlidingPSN
 from .cache import SpikeLMCache
 from .configuration_spikelm import SpikeLMConfig
@@ -454,7 +454,7 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
         "auto" (the default): the event-driven product (ops.spike_linear: only the weights of the inputs
         that fired are read) on decoding steps, per call, when the input's measured density is at most the
         layer's crossover; "on": always that product (CPU, no gradient); "off": always dense F.linear.
-        Training, gradients and GPUs are always dense. The products agree to float32 rounding, so greedy
+        Gradients and GPUs are always dense here (training on CPU: set_sparse_training). The products agree to float32 rounding, so greedy
         decoding gives the same tokens in every mode unless a spike or an argmax sits on a rounding tie.
         int8=True: the event-driven product reads int8 weights with one scale per output feature (a
         quantised copy: perplexity changes slightly; see docs/sparse-inference.md). generate(),
@@ -462,6 +462,12 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
         the step once).
         """
         set_sparse_mode(self, mode, int8)
+
+    def set_sparse_training(self, enabled: bool = True) -> None:
+        """Whether training on CPU runs the spike-fed linear layers through ops.spike_matmul (default True): their
+        forward and weight gradient walk only the inputs that fired, where few enough did, with results equal
+        to the dense products' up to float32 rounding. False: always the dense products."""
+        set_sparse_training(self, enabled)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cu_seqlens=None, inputs_embeds=None,
                 labels=None, use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep=0,
