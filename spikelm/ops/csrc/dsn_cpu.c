@@ -218,20 +218,24 @@ int dsn_cpu_backward(const float *x, const float *hist, const float *h0, const f
     const int km1 = k - 1;
     const float half_pi_sa = 1.57079632679489662f * sa;
     int failed = 0;
-#pragma omp parallel for num_threads(threads) schedule(static)
+    const int64_t most = ((C + parts - 1) / parts + 15) / 16 * 16; /* an item's channel count at most (item_range) */
+#pragma omp parallel num_threads(threads)
+    {
+    /* per channel of an item's range: u_{t+1}, alpha_{t+1}, the conv's bias and weight gradients, the ring of
+       d a' of rows t+1 .. t+k-1 (slot row % (k-1), zeroed across a document start): zeroed per item; then the
+       block's recomputed membranes Hb [K][width], and its rows' alpha, 1 - alpha and dln Db [K][3][width] (kept
+       from the recomputation rather than computed again). One buffer per thread, reused by its items. */
+    float *buffer = malloc((size_t)most * (2 + 2 * k + 4 * K) * sizeof(float));
+    if (!buffer) {
+#pragma omp atomic write
+        failed = 1;
+    }
+#pragma omp for schedule(static)
     for (int64_t item = 0; item < B * parts; ++item) {
         int64_t b, lo, width = item_range(item, parts, C, &b, &lo);
-        if (width <= 0) continue;
-        /* per channel of the range: u_{t+1}, alpha_{t+1}, the ring of d a' of rows t+1 .. t+k-1 (slot row % (k-1),
-           zeroed across a document start), and the conv's weight and bias gradients */
-        /* then the block's recomputed membranes Hb [K][width], and its rows' alpha, 1 - alpha and dln Db [K][3][width]
-           (kept from the recomputation rather than computed again) */
-        float *state = calloc((size_t)width * (3 + 2 * k + 4 * K), sizeof(float));
-        if (!state) {
-#pragma omp atomic write
-            failed = 1;
-            continue;
-        }
+        if (width <= 0 || !buffer) continue;
+        float *state = buffer;
+        memset(state, 0, (size_t)width * (2 + 2 * k) * sizeof(float));
         float *u_next = state, *om_next = state + width, *db = state + 2 * width;
         float *dw = state + 3 * width, *ring = state + (3 + k) * width; /* dw [k][width], ring [k-1][width] */
         float *Hb = state + (2 + 2 * k) * width, *Db = Hb + K * width;
@@ -319,7 +323,8 @@ int dsn_cpu_backward(const float *x, const float *hist, const float *h0, const f
         }
         for (int j = 0; j < k; ++j) memcpy(dw_part + (b * k + j) * C + lo, dw + j * width, width * sizeof(float));
         memcpy(db_part + b * C + lo, db, width * sizeof(float));
-        free(state);
+    }
+    free(buffer);
     }
     return failed;
 }
