@@ -115,7 +115,8 @@ def main(argv=None) -> None:
         print(f"| {mode} | median (min-max) | " + " | ".join(cells) + " |")
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps({
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": cpu_info(), "load_before": load_before, "load_after": load_after,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": cpu_info(),
+        "load_before": load_before, "load_after": load_after,
         "command": "python benchmarks/bench_process_layout.py --processes " + str(args.processes),
         "results": results}, indent=1) + "\n")
     print(f"wrote {RESULT}")

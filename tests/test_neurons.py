@@ -569,3 +569,14 @@ def test_op_bad_arguments():
         dsn(x, w, b, initial_state=(torch.zeros(2, 4), torch.zeros(2, 3, 4)))
     with pytest.raises(ValueError, match="state shapes must be membrane"):
         dsn_step(x[:, 0], w, b, state=DSNState(torch.zeros(3, 4), None))
+
+
+@pytest.mark.skipif(not c_backend.available(), reason="no C compiler")
+@pytest.mark.parametrize("shape", [(1, 4, 0), (0, 4, 3), (2, 0, 3)])
+def test_c_kernel_empty_shapes_forward_and_backward(shape):
+    x = torch.zeros(shape, requires_grad=True)
+    C = shape[2]
+    w, b = torch.zeros(C, 4, requires_grad=True), torch.zeros(C, requires_grad=True)
+    s = dsn(x, w, b, 0.25, 4, "atan", 1.0, backend="c").spikes
+    s.sum().backward()
+    assert s.shape == shape and x.grad.shape == shape and w.grad.shape == (C, 4)

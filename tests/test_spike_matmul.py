@@ -4,8 +4,9 @@ The op's output and its three gradients against F.linear's (float32 rounding onl
 reference, over empty and full inputs, every spike value, odd sizes (output features not a multiple
 of the kernel's tile, one input feature), bias or none, 3-D and non-contiguous inputs, several
 threads (the same bits as one); which backend ran (the C kernel below the density threshold, dense
-above it and for what the kernel does not run: bfloat16, autocast, gradients of a subclass); and a
-SpikeLM training step through it against the dense step.
+above it and for what the kernel does not run: bfloat16, autocast, torch.func transforms); gradients
+for every subset of inputs that needs them (a frozen weight, an input without one, the bias alone); and
+a SpikeLM training step through it against the dense step.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def test_matches_dense_and_the_reference(rows, i, o, density, bias):
 def test_every_spike_value_empty_and_full_inputs():
     g = torch.Generator().manual_seed(2)
     w, dy = torch.randn(40, 24, generator=g), torch.randn(9, 40, generator=g)
-    values = torch.arange(9.0).repeat(24)[: 9 * 24].view(9, 24)  # 0..8 in every column
+    values = ((torch.arange(9)[:, None] + torch.arange(24)) % 9).float()  # 0..8 in every column
     for x in (values, torch.zeros(9, 24), torch.full((9, 24), 3.0)):
         with record_backends() as ran:
             got = _grads(lambda x, w, b: spike_matmul(x, w, b, max_density=1.0), x, w, None, dy)
@@ -73,6 +74,25 @@ def test_every_spike_value_empty_and_full_inputs():
         _close(got, _grads(F.linear, x, w, None, dy), f"x = {x[0, :4].tolist()}...")
     y, _, dw, _ = _grads(lambda x, w, b: spike_matmul(x, w, b, max_density=1.0), torch.zeros(9, 24), w, None, dy)
     assert not y.any() and not dw.any()
+
+
+@pytest.mark.parametrize("x_grad,w_grad,b_grad", [(True, False, False), (False, True, False), (False, False, True),
+                                                  (True, False, True)])
+def test_only_the_gradients_asked_for(x_grad, w_grad, b_grad):
+    g = torch.Generator().manual_seed(7)
+    x = random_spikes((12, 20), 0.1).requires_grad_(x_grad)
+    w = torch.randn(9, 20, generator=g).requires_grad_(w_grad)
+    b = torch.randn(9, generator=g).requires_grad_(b_grad)
+    dy = torch.randn(12, 9, generator=g)
+    with record_backends() as ran:
+        spike_matmul(x, w, b).backward(dy)
+    assert ran == [("spike_matmul", "c")]
+    want = [t.detach().clone().requires_grad_(t.requires_grad) for t in (x, w, b)]
+    F.linear(*want).backward(dy)
+    for got, ref in zip((x, w, b), want):
+        assert (got.grad is None) == (ref.grad is None)
+        if ref.grad is not None:
+            torch.testing.assert_close(got.grad, ref.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_3d_and_non_contiguous_inputs():

@@ -1,8 +1,8 @@
-"""SpikeLinear: an nn.Linear fed by integer spikes, which decodes through the event-driven op when that pays.
+"""SpikeLinear: an nn.Linear fed by integer spikes, which trains and decodes through spike-sparse ops where they pay.
 
-Same parameters and state-dict keys as nn.Linear (a saved model loads unchanged), the same dense
-F.linear for training, prefill and anything with a gradient. In inference on CPU with few rows (a
-decoding step), its `sparse_mode` picks the product:
+Same parameters and state-dict keys as nn.Linear (a saved model loads unchanged). Prefill and anything
+on a GPU use the dense F.linear; training on CPU runs ops.spike_matmul (below). In inference on CPU
+with few rows (a decoding step), its `sparse_mode` picks the product:
 
 - "off": dense F.linear always.
 - "on": ops.spike_linear always (sparse, whatever the density).

@@ -10,15 +10,18 @@ non-zero: what the backward keeps instead of x), accumulates the matching weight
 dW the matching rows of dy, column by column. The third product, the input's gradient dy W, is dense
 (every input's surrogate gradient needs it) and stays torch's matmul.
 
-The kernel walks non-zeros at about a third of a dense matmul's rate per multiply-add (measured on
-this project's CPUs: benchmarks/bench_spike_matmul.py), so it pays below about a third of the inputs
-non-zero; above `max_density` (the fraction of x's entries that are non-zero, measured per call) the
-call runs torch's dense products. Backends noted for ops.record_backends: ("spike_matmul", "c" |
-"dense"). The kernel runs for plain CPU float32 tensors outside autocast; anything else (CUDA, bfloat16,
-autocast, torch.compile tracing, torch.func transforms, tensor subclasses such as DTensor, no C
-compiler, SPIKELM_CPU_KERNEL=0) takes the dense products.
+The kernel walks non-zeros at about a third of a dense matmul's rate per multiply-add, so it pays
+below roughly a quarter of the inputs non-zero (benchmarks/bench_spike_matmul.py: crossovers of 24-31 %
+by shape); above `max_density` (the fraction of x's entries that are non-zero, measured per call;
+MAX_DENSITY = 0.25, the low end of those) the call runs torch's dense products. Backends noted for
+ops.record_backends: ("spike_matmul", "c" | "dense"). The kernel runs for plain CPU float32 tensors
+outside autocast; anything else (CUDA, bfloat16, autocast, torch.compile tracing, torch.func
+transforms, tensor subclasses such as DTensor, no C compiler, SPIKELM_CPU_KERNEL=0) takes the dense
+products.
 Results equal the dense product's up to float32 rounding (a different order of the same sums), and
-do not depend on the thread count. `naive_spike_matmul` is the float64 reference.
+do not depend on the thread count. One difference: an exact zero input is skipped, so an inf or NaN
+weight (or gradient entry) that the dense product would multiply by zero does not reach y (or dW); it
+still reaches the input's gradient, which stays dense. `naive_spike_matmul` is the float64 reference.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from .backends import note_backend
 from .cbuild import CSRC, CLibrary
 
 SOURCE = CSRC / "spike_matmul.c"
-# above this fraction of non-zero inputs the dense products run (the walk costs ~3x a dense multiply-add)
+# above this fraction of non-zero inputs the dense products run (the walk costs ~3x a dense multiply-add; the
+# crossovers measured by benchmarks/bench_spike_matmul.py lie at 24-31 % by shape)
 MAX_DENSITY = 0.25
 
 
@@ -97,7 +101,10 @@ class _SpikeMatmul(torch.autograd.Function):
         y = torch.empty(R, O, dtype=torch.float32)
         lib.spike_matmul_forward(R, O, rowptr.data_ptr(), col.data_ptr(), val.data_ptr(), wT.data_ptr(), _ptr(b),
                                  y.data_ptr(), threads)
-        ctx.save_for_backward(weight, rowptr, col, val)
+        if weight.requires_grad:
+            ctx.save_for_backward(weight, rowptr, col, val)
+        else:  # a frozen weight: only the input's gradient, dy W, is needed
+            ctx.save_for_backward(weight, None, None, None)
         ctx.shape = (R, I)
         ctx.has_bias = bias is not None
         return y

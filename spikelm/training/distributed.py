@@ -81,9 +81,12 @@ def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict | None, 
     """The inverse of full_optimizer_state: under FSDP the main process's full state is scattered to the
     shards (the other processes pass None)."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    # the implementation (fused, foreach) is this run's choice, not the saved one: load_state_dict would take
-    # the saved groups' (an older checkpoint's fused=None would turn the fused update off)
+    # the implementation (fused, foreach) is this run's choice, not the saved one: load_state_dict takes the saved
+    # groups' (an older checkpoint's fused=None would turn the fused update off) and places the step counters by it
+    # (a fused update on CUDA needs them on the device), so the saved groups are given this run's choice first
     chosen = [{k: g.get(k) for k in ("fused", "foreach")} for g in inner.param_groups]
+    if state and state.get("param_groups") and len(state["param_groups"]) == len(chosen):
+        state = dict(state, param_groups=[dict(g, **keep) for g, keep in zip(state["param_groups"], chosen)])
     if not sharded:
         inner.load_state_dict(state)
     else:
@@ -91,7 +94,6 @@ def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict | None, 
         set_optimizer_state_dict(model, inner, state or {}, options=_options(broadcast_from_rank0=True))
     for group, keep in zip(inner.param_groups, chosen):
         group.update(keep)
-
 
 def is_sharded(model: torch.nn.Module) -> bool:
     try:

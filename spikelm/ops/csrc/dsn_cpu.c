@@ -218,6 +218,7 @@ int dsn_cpu_backward(const float *x, const float *hist, const float *h0, const f
     const int km1 = k - 1;
     const float half_pi_sa = 1.57079632679489662f * sa;
     int failed = 0;
+    if (B * parts == 0) return 0; /* no rows or no channels: nothing to do (and no width to size a buffer by) */
     const int64_t most = ((C + parts - 1) / parts + 15) / 16 * 16; /* an item's channel count at most (item_range) */
 #pragma omp parallel num_threads(threads)
     {
