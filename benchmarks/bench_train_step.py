@@ -3,8 +3,8 @@
 A step is forward, backward and the AdamW update (train.py's optimizer) on one batch of contiguous
 blocks of real text. The models take turns step by step, so a change in the machine's load reaches
 each alike, and the median step is reported. The SpikeLM is a trained one (--model: a saved folder, e.g.
-train.py's output; its spikes are as sparse as training makes them, ~11 % of the linears' inputs on
-the tiny config after 200 steps against ~34 % at initialisation) or, with --init, that folder's config
+train.py's output; its spikes are as sparse as training makes them, ~12 % of the linears' inputs on
+the tiny config after 600 steps against ~35 % at initialisation) or, with --init, that folder's config
 freshly initialised. Rows:
   spikelm_sparse  training through ops.spike_matmul (the default: set_sparse_training(True))
   spikelm_dense   the same model with set_sparse_training(False)

@@ -4,14 +4,14 @@
 
 Of a linear layer's three products in a training step, two read its input: the forward (y = x W^T) and
 the weight's gradient (dW = dy^T x). When x holds spikes, most of it is zero (a trained tiny SpikeLM:
-~11 % of its linears' inputs are non-zero, ~34 % at initialisation), and both products need only the
+~12 % of its linears' inputs are non-zero, ~35 % at initialisation), and both products need only the
 non-zero entries: the C kernel (csrc/spike_matmul.c) lists them once per forward (CSR, 8 bytes per
 non-zero: what the backward keeps instead of x), accumulates the matching weight rows for y, and for
 dW the matching rows of dy, column by column. The third product, the input's gradient dy W, is dense
 (every input's surrogate gradient needs it) and stays torch's matmul.
 
 The kernel walks non-zeros at about a third of a dense matmul's rate per multiply-add, so it pays
-below roughly a quarter of the inputs non-zero (benchmarks/bench_spike_matmul.py: crossovers of 24-31 %
+below roughly a quarter of the inputs non-zero (benchmarks/bench_spike_matmul.py: crossovers of 24-32 %
 by shape); above `max_density` (the fraction of x's entries that are non-zero, measured per call;
 MAX_DENSITY = 0.25, the low end of those) the call runs torch's dense products. Backends noted for
 ops.record_backends: ("spike_matmul", "c" | "dense"). The kernel runs for plain CPU float32 tensors
@@ -36,7 +36,7 @@ from .cbuild import CSRC, CLibrary
 
 SOURCE = CSRC / "spike_matmul.c"
 # above this fraction of non-zero inputs the dense products run (the walk costs ~3x a dense multiply-add; the
-# crossovers measured by benchmarks/bench_spike_matmul.py lie at 24-31 % by shape)
+# crossovers measured by benchmarks/bench_spike_matmul.py lie at 24-32 % by shape)
 MAX_DENSITY = 0.25
 
 
