@@ -50,15 +50,19 @@ def batches(text_file: Path, tokenizer, batch: int, block: int, steps: int):
         yield torch.stack([ids[s:s + block] for s in starts])
 
 
-def build(args) -> dict:
+def load_spikelm(folder: Path, init: bool):
+    """(tokenizer, SpikeLM) of a saved folder: its weights, or with init its config freshly initialised (seed 0)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if args.init:
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if init:
         torch.manual_seed(0)
-        spikelm = SpikeLMForCausalLM(SpikeLMConfig.from_pretrained(args.model))
-    else:
-        spikelm = SpikeLMForCausalLM.from_pretrained(args.model)
+        return tokenizer, SpikeLMForCausalLM(SpikeLMConfig.from_pretrained(folder))
+    return tokenizer, SpikeLMForCausalLM.from_pretrained(folder)
+
+
+def build(args) -> dict:
+    tokenizer, spikelm = load_spikelm(args.model, args.init)
     models = {}
     if "spikelm_sparse" in args.rows:
         models["spikelm_sparse"] = copy.deepcopy(spikelm)

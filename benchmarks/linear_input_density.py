@@ -22,8 +22,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+from bench_train_step import load_spikelm  # noqa: E402
 
-from spikelm import SpikeLMConfig, SpikeLMForCausalLM  # noqa: E402
 from spikelm.layers import SpikeLinear  # noqa: E402
 
 
@@ -37,15 +38,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "linear_input_density.json")
     ap.add_argument("--append", action="store_true")
     args = ap.parse_args(argv)
-    from transformers import AutoTokenizer
-
     torch.set_num_threads(1)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if args.init:
-        torch.manual_seed(0)
-        model = SpikeLMForCausalLM(SpikeLMConfig.from_pretrained(args.model))
-    else:
-        model = SpikeLMForCausalLM.from_pretrained(args.model)
+    tokenizer, model = load_spikelm(args.model, args.init)
     model.eval()
     n = args.batch * args.block
     ids = torch.tensor(tokenizer(args.text.read_text(encoding="utf-8")[: 40 * n])["input_ids"][:n])
