@@ -87,16 +87,20 @@ class SpikeLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+def _set_on_spike_linears(module: nn.Module, **attributes) -> int:
+    """Set attributes on every SpikeLinear inside module; returns how many there are."""
+    layers = [m for m in module.modules() if isinstance(m, SpikeLinear)]
+    for m in layers:
+        for name, value in attributes.items():
+            setattr(m, name, value)
+    return len(layers)
+
+
 def set_sparse_training(module: nn.Module, enabled: bool) -> int:
     """Set sparse_training on every SpikeLinear inside module; returns how many there are."""
     if not isinstance(enabled, bool):
         raise ValueError(f"sparse training must be True or False, got {enabled!r}")
-    n = 0
-    for m in module.modules():
-        if isinstance(m, SpikeLinear):
-            m.sparse_training = enabled
-            n += 1
-    return n
+    return _set_on_spike_linears(module, sparse_training=enabled)
 
 
 def set_sparse_mode(module: nn.Module, mode: str, int8: bool = False) -> int:
@@ -104,9 +108,4 @@ def set_sparse_mode(module: nn.Module, mode: str, int8: bool = False) -> int:
     check_sparse_mode(mode)
     if not isinstance(int8, bool):
         raise ValueError(f"int8 must be True or False, got {int8!r}")
-    n = 0
-    for m in module.modules():
-        if isinstance(m, SpikeLinear):
-            m.sparse_mode, m.sparse_int8 = mode, int8
-            n += 1
-    return n
+    return _set_on_spike_linears(module, sparse_mode=mode, sparse_int8=int8)

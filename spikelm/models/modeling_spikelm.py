@@ -454,8 +454,8 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
         "auto" (the default): the event-driven product (ops.spike_linear: only the weights of the inputs
         that fired are read) on decoding steps, per call, when the input's measured density is at most the
         layer's crossover; "on": always that product (CPU, no gradient); "off": always dense F.linear.
-        Gradients and GPUs are always dense here (training on CPU: set_sparse_training). The products agree to float32 rounding, so greedy
-        decoding gives the same tokens in every mode unless a spike or an argmax sits on a rounding tie.
+        Gradients and GPUs are always dense here (training on CPU: set_sparse_training). The products agree
+        to float32 rounding, so greedy decoding gives the same tokens in every mode unless a spike or an argmax sits on a rounding tie.
         int8=True: the event-driven product reads int8 weights with one scale per output feature (a
         quantised copy: perplexity changes slightly; see docs/sparse-inference.md). generate(),
         StreamingGenerator and the compiled decoding step follow the mode set here (a change recompiles

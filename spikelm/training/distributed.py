@@ -95,6 +95,7 @@ def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict | None, 
     for group, keep in zip(inner.param_groups, chosen):
         group.update(keep)
 
+
 def is_sharded(model: torch.nn.Module) -> bool:
     try:
         from torch.distributed.fsdp import FSDPModule
