@@ -303,16 +303,10 @@ def add_energy(args) -> None:
 
 # ---------------------------------------------------------------------------------------- report
 def machine_info(args) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from timing import cpu_info  # (benchmarks/ is sys.path[0] when the script runs)
     import transformers
 
+    cpu = cpu_info()["model"]
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")}

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spikelm.ops import scan, triton_is_available  # noqa: E402
 from spikelm.ops.torch_scan import scan_backward, serial_scan_forward  # noqa: E402
-from timing import best_time, copy_bandwidth  # noqa: E402
+from timing import best_time, copy_bandwidth, cpu_info  # noqa: E402
 
 FWD_BYTES, FWD_BWD_BYTES = 12, 32  # per element, float32
 
@@ -53,12 +53,7 @@ def run_candidate(name, x, g):
 
 
 def machine_info(device):
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_info()["model"]
     thp = None
     try:
         thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
