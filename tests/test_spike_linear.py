@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from spikelm import SpikeLMConfig, SpikeLMForCausalLM, StreamingGenerator
-from spikelm.layers import SpikeLinear, set_sparse_mode
+from spikelm.layers import SpikeLinear, set_sparse_mode, sparse_mode_as
 from spikelm.layers.spike_linear import AUTO_MAX_ROWS, crossover_density
 from spikelm.models import CACHE_NAME
 from spikelm.ops import record_backends
@@ -338,6 +338,46 @@ def test_layer_dispatch():
     assert ran == set()
     y.sum().backward()
     assert big.weight.grad is not None and x.grad is not None
+
+
+def test_sparse_mode_as_restores_each_layers_mode():
+    a, b = SpikeLinear(768, 3072, bias=False), SpikeLinear(768, 3072, bias=False)
+    model = torch.nn.Sequential(a, b)
+    set_sparse_mode(a, "on", int8=True)
+    s = random_spikes((1, 1, 768), 0.1)
+    with torch.no_grad(), sparse_mode_as(model, "off"):
+        assert (a.sparse_mode, b.sparse_mode) == ("off", "off")
+        assert backend_of(lambda: (a(s), b(s)))[1] == set()
+    assert (a.sparse_mode, a.sparse_int8, b.sparse_mode, b.sparse_int8) == ("on", True, "auto", False)
+    with pytest.raises(RuntimeError, match="inside"), sparse_mode_as(model, "off"):
+        raise RuntimeError("inside")
+    assert (a.sparse_mode, b.sparse_mode) == ("on", "auto")  # restored after an error too
+    with pytest.raises(ValueError, match="sparse inference mode"), sparse_mode_as(model, "sometimes"):
+        pass
+
+
+def test_training_sample_decodes_dense():
+    """The sample at the end of training takes the dense products (a few tokens do not repay building the
+    sparse op's C++ kernel) and leaves the model's mode as it was."""
+    from spikelm.training.trainer import sample_text
+
+    class Tokens:
+        pad_token_id, eos_token_id = 0, 0
+
+        def __call__(self, text, return_tensors, add_special_tokens):
+            return type("Encoded", (), {"input_ids": torch.tensor([[1, 2, 3]])})()
+
+        def decode(self, ids, skip_special_tokens):
+            return " ".join(map(str, ids.tolist()))
+
+    torch.manual_seed(0)
+    model = SpikeLMForCausalLM(SpikeLMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                             block_types=["ssm", "ssm"]))
+    model.set_sparse_inference("on")
+    with record_backends() as ran:
+        text = sample_text(model, Tokens(), "x", 5, seed=0)
+    assert len(text.split()) == 8 and not any(name == "spike_linear" for name, _ in ran)
+    assert {m.sparse_mode for m in model.modules() if isinstance(m, SpikeLinear)} == {"on"}
 
 
 def test_density_monitor_counts_by_hand():

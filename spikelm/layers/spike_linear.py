@@ -26,6 +26,8 @@ rounding. SpikeLMForCausalLM.set_sparse_training(False) makes training dense.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,3 +111,19 @@ def set_sparse_mode(module: nn.Module, mode: str, int8: bool = False) -> int:
     if not isinstance(int8, bool):
         raise ValueError(f"int8 must be True or False, got {int8!r}")
     return _set_on_spike_linears(module, sparse_mode=mode, sparse_int8=int8)
+
+
+@contextlib.contextmanager
+def sparse_mode_as(module: nn.Module, mode: str):
+    """Every SpikeLinear inside module in `mode` for the duration of the block, each layer's own mode and int8 flag
+    restored afterwards."""
+    check_sparse_mode(mode)
+    layers = [m for m in module.modules() if isinstance(m, SpikeLinear)]
+    saved = [(m.sparse_mode, m.sparse_int8) for m in layers]
+    try:
+        for m in layers:
+            m.sparse_mode = mode
+        yield
+    finally:
+        for m, (was, int8) in zip(layers, saved):
+            m.sparse_mode, m.sparse_int8 = was, int8

@@ -29,6 +29,7 @@ import torch
 
 from ..data import BlockOrder, DataError
 from ..eval import FiringRateMonitor
+from ..layers.spike_linear import sparse_mode_as
 from . import checkpoint as ck
 from . import distributed as dist_
 from .args import ConfigError, TrainArgs
@@ -633,7 +634,8 @@ def _write_json(path: Path, obj) -> None:
 def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
     model.eval()
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
-    with torch.random.fork_rng():
+    # dense products: a short sample does not repay building the event-driven op's C++ kernel (~14 s on first use)
+    with torch.random.fork_rng(), sparse_mode_as(model, "off"):
         torch.manual_seed(seed)
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=True, top_k=40, temperature=0.8,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
