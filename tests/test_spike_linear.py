@@ -348,12 +348,14 @@ def test_sparse_mode_as_restores_each_layers_mode():
     with torch.no_grad(), sparse_mode_as(model, "off"):
         assert (a.sparse_mode, b.sparse_mode) == ("off", "off")
         assert backend_of(lambda: (a(s), b(s)))[1] == set()
+        set_sparse_mode(model, "auto", int8=True)  # changed inside the block: undone on leaving it
     assert (a.sparse_mode, a.sparse_int8, b.sparse_mode, b.sparse_int8) == ("on", True, "auto", False)
     with pytest.raises(RuntimeError, match="inside"), sparse_mode_as(model, "off"):
         raise RuntimeError("inside")
     assert (a.sparse_mode, b.sparse_mode) == ("on", "auto")  # restored after an error too
     with pytest.raises(ValueError, match="sparse inference mode"), sparse_mode_as(model, "sometimes"):
         pass
+    assert (a.sparse_mode, b.sparse_mode) == ("on", "auto")  # a rejected mode changes nothing
 
 
 def test_training_sample_decodes_dense():

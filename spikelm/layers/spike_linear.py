@@ -18,6 +18,7 @@ with few rows (a decoding step), its `sparse_mode` picks the product:
 feature (ops.spike_linear's int8 layout); the dense path stays in the weights' own dtype.
 
 SpikeLMForCausalLM.set_sparse_inference(mode) sets the mode of every SpikeLinear of a model.
+sparse_mode_as(module, mode) sets it for a `with` block and restores each layer's own mode afterwards.
 
 Training (a gradient to compute) on CPU runs ops.spike_matmul where `sparse_training` is True (the
 default): the forward and the weight's gradient walk only the inputs that fired, where few enough did

@@ -29,7 +29,7 @@ import torch
 
 from ..data import BlockOrder, DataError
 from ..eval import FiringRateMonitor
-from ..layers.spike_linear import sparse_mode_as
+from ..layers import sparse_mode_as
 from . import checkpoint as ck
 from . import distributed as dist_
 from .args import ConfigError, TrainArgs
