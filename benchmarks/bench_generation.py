@@ -19,11 +19,18 @@ The SpikeLM model: random weights of a given shape (--vocab/--hidden/--layers, o
 e.g. configs/paper-137m.yaml), or a trained model (--model DIR, with --prompt-file giving real text
 for the prompt); Llama and Mamba get random weights and about the same parameter count.
 
+Rows run one after another (the default: each row's RSS and cache growth are its own) or, with
+--interleave N, in turns of N tokens each, every model alive: a change in the machine's speed during
+the run then reaches every row alike, so their ratios (sparse against dense compiled, say) compare
+within the run.
+
     python benchmarks/bench_generation.py                      # 1k..32k tokens, ~12M-param models
     python benchmarks/bench_generation.py --max-tokens 4096    # quicker
     python benchmarks/bench_generation.py --config configs/paper-137m.yaml --max-tokens 1024 \
         --models spikelm,spikelm_compiled,spikelm_sparse,spikelm_sparse_compiled,llama,mamba --out results/x
     python benchmarks/bench_generation.py --model runs/tiny --prompt-file val.txt --models spikelm,spikelm_sparse
+    python benchmarks/bench_generation.py --model runs/tiny --prompt-file val.txt --interleave 128 \
+        --models spikelm,spikelm_compiled,spikelm_sparse_compiled --max-tokens 2048
 
 Writes benchmarks/results/bench_generation.json and .png (or --out).
 """
@@ -157,25 +164,39 @@ def _cache_bytes(cache) -> int:
     return total
 
 
-@torch.no_grad()
+class Decoder:
+    """Greedy decoding of one model from a prompt, resumable: step(n) decodes n more tokens through its cache,
+    timing each (wall and process CPU time) and recording RSS and cache size at the checkpoint lengths."""
+
+    @torch.no_grad()
+    def __init__(self, model, prompt: torch.Tensor, checkpoints: list[int]):
+        self.model, self.checkpoints, self.proc = model, set(checkpoints), psutil.Process()
+        out = model(prompt, use_cache=True)
+        self.cache, self.token = out[CACHE_NAME], out.logits[:, -1:].argmax(-1)
+        self.latencies, self.cpu_times, self.marks, self.tokens = [], [], {}, []
+
+    @torch.no_grad()
+    def step(self, n_tokens: int) -> None:
+        for _ in range(n_tokens):
+            with Stopwatch() as sw:
+                out = self.model(self.token, use_cache=True, **{CACHE_NAME: self.cache})
+                self.cache = out[CACHE_NAME]
+                self.token = out.logits[:, -1:].argmax(-1)
+            self.latencies.append(sw.wall)
+            self.cpu_times.append(sw.cpu)
+            self.tokens.append(int(self.token[0, 0]))
+            i = len(self.tokens)
+            if i in self.checkpoints:
+                self.marks[i] = {"rss_mb": self.proc.memory_info().rss / 2**20,
+                                 "cache_mb": _cache_bytes(self.cache) / 2**20,
+                                 "tokens_per_s": i / sum(self.latencies), "tokens_per_cpu_s": i / sum(self.cpu_times)}
+
+
 def decode(model, prompt: torch.Tensor, n_tokens: int, checkpoints: list[int]):
-    proc = psutil.Process()
-    out = model(prompt, use_cache=True)
-    cache = out[CACHE_NAME]
-    token = out.logits[:, -1:].argmax(-1)
-    latencies, cpu_times, marks, tokens = [], [], {}, []
-    for i in range(1, n_tokens + 1):
-        with Stopwatch() as sw:
-            out = model(token, use_cache=True, **{CACHE_NAME: cache})
-            cache = out[CACHE_NAME]
-            token = out.logits[:, -1:].argmax(-1)
-        latencies.append(sw.wall)
-        cpu_times.append(sw.cpu)
-        tokens.append(int(token[0, 0]))
-        if i in checkpoints:
-            marks[i] = {"rss_mb": proc.memory_info().rss / 2**20, "cache_mb": _cache_bytes(cache) / 2**20,
-                        "tokens_per_s": i / sum(latencies), "tokens_per_cpu_s": i / sum(cpu_times)}
-    return latencies, cpu_times, marks, tokens
+    """(latencies, CPU times, checkpoint marks, tokens) of n_tokens greedy steps from the prompt."""
+    d = Decoder(model, prompt, checkpoints)
+    d.step(n_tokens)
+    return d.latencies, d.cpu_times, d.marks, d.tokens
 
 
 def make_prompt(args, tokenizer, vocab: int) -> torch.Tensor:
@@ -185,6 +206,41 @@ def make_prompt(args, tokenizer, vocab: int) -> torch.Tensor:
             raise SystemExit(f"--prompt-file {args.prompt_file}: {len(ids)} tokens, fewer than --prompt-tokens")
         return torch.tensor(ids[: args.prompt_tokens])[None]
     return torch.randint(0, vocab, (1, args.prompt_tokens))
+
+
+def run_row(row: dict, n_tokens: int) -> None:
+    """n_tokens more steps of a row's decoder, counting the sparse op's calls by backend (counters, not
+    record_backends: noting each eager call would be timed too)."""
+    before = kernel_calls()
+    row["decoder"].step(n_tokens)
+    for backend, n in kernel_calls_since(before).items():
+        row["calls"][backend] = row["calls"].get(backend, 0) + n
+
+
+def row_result(args, name: str, model, row: dict, all_tokens: dict) -> dict:
+    """A row's figures from its timed decoding (the per-token series from process CPU time or wall time)."""
+    d = row["decoder"]
+    # on a shared machine wall time measures the neighbours too: with one thread, process CPU
+    # time per token is the model's own cost
+    series = d.cpu_times if args.clock == "cpu" else d.latencies
+    first = sum(series[:1024]) / min(1024, len(series))
+    last = sum(series[-1024:]) / min(1024, len(series))
+    extra = {}
+    if name in SPIKELM_ROWS:
+        all_tokens[name] = d.tokens
+        extra["sparse_mode"] = model.lm_head.sparse_mode
+        extra["int8"] = model.lm_head.sparse_int8
+        extra["op_calls_per_token"] = {b: n / args.max_tokens for b, n in row["calls"].items()}
+        extra["weight_copies_mb"] = layouts_nbytes() / 2**20  # the sparse layouts of every row so far
+    else:
+        extra["weight_bytes_per_token"] = linear_weight_bytes(model)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{name}: {params / 1e6:.1f}M params, first 1k {first * 1e3:.2f} ms/token, last 1k {last * 1e3:.2f} "
+          "ms/token", flush=True)
+    return {"params": params, "warmup_s": row["warmup_s"], "checkpoints": d.marks, "first_1k_ms": first * 1e3,
+            "last_1k_ms": last * 1e3, **extra,
+            "latency_ms_per_1k": [sum(series[i:i + 1024]) / len(series[i:i + 1024]) * 1e3
+                                  for i in range(0, len(series), 1024)]}
 
 
 def main() -> None:
@@ -209,6 +265,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="per-token time from process CPU time (robust on a shared machine) or wall time")
+    parser.add_argument("--interleave", type=int, default=0, metavar="N",
+                        help="decode every row N tokens in turn, all models alive, instead of one row after another "
+                             "(0): the rows' tokens/s are then comparable within a run on a machine whose speed "
+                             "drifts; RSS is then the whole process's")
     parser.add_argument("--note", default=None, help="free text stored in the JSON")
     parser.add_argument("--out", default=os.path.join(RESULTS, "bench_generation"))
     args = parser.parse_args()
@@ -225,12 +285,10 @@ def main() -> None:
     vocab = next(iter(models.values())).config.vocab_size
     prompt = make_prompt(args, tokenizer, vocab)
     load_before = os.getloadavg()
-    results, all_tokens, density = {}, {}, None
+    results, all_tokens, density, rows = {}, {}, None, {}
     for name in names:
         model = models[name]
-        params = sum(p.numel() for p in model.parameters())
         gc.collect()
-        extra = {}
         if name == "spikelm":
             with SpikeDensityMonitor(model) as monitor:  # eager and dense: the density these weights and prompt give
                 decode(model, prompt, args.density_tokens, [])
@@ -239,31 +297,23 @@ def main() -> None:
         # when the attention blocks' KV caches reach the window
         with Stopwatch() as sw:
             decode(model, prompt, warmup, [])
-        warmup_s = sw.wall
-        calls_before = kernel_calls()  # (counters, not record_backends: noting each eager call would be timed too)
-        latencies, cpu_times, marks, tokens = decode(model, prompt, args.max_tokens, checkpoints)
-        calls = kernel_calls_since(calls_before)
-        # on a shared machine wall time measures the neighbours too: with one thread, process CPU
-        # time per token is the model's own cost
-        series = cpu_times if args.clock == "cpu" else latencies
-        first = sum(series[:1024]) / min(1024, len(series))
-        last = sum(series[-1024:]) / min(1024, len(series))
-        if name in SPIKELM_ROWS:
-            all_tokens[name] = tokens
-            extra["sparse_mode"] = model.lm_head.sparse_mode
-            extra["int8"] = model.lm_head.sparse_int8
-            extra["op_calls_per_token"] = {b: n / args.max_tokens for b, n in calls.items()}
-            extra["weight_copies_mb"] = layouts_nbytes() / 2**20  # the sparse layouts of every row so far
-        else:
-            extra["weight_bytes_per_token"] = linear_weight_bytes(model)
-        results[name] = {"params": params, "warmup_s": warmup_s, "checkpoints": marks, "first_1k_ms": first * 1e3,
-                         "last_1k_ms": last * 1e3, **extra,
-                         "latency_ms_per_1k": [sum(series[i:i + 1024]) / len(series[i:i + 1024]) * 1e3
-                                               for i in range(0, len(series), 1024)]}
-        print(f"{name}: {params / 1e6:.1f}M params, first 1k {first * 1e3:.2f} ms/token, last 1k {last * 1e3:.2f} "
-              "ms/token", flush=True)
-        del model
-        models[name] = None
+        rows[name] = {"warmup_s": sw.wall, "decoder": Decoder(model, prompt, checkpoints),
+                      "calls": dict.fromkeys(kernel_calls(), 0)}
+        if not args.interleave:  # one row at a time: each row's RSS and cache are its own
+            run_row(rows[name], args.max_tokens)
+            results[name] = row_result(args, name, model, rows.pop(name), all_tokens)
+            del model
+            models[name] = None
+    # interleaved: every row decodes --interleave tokens in turn, so a drift in the machine's speed reaches
+    # every row alike (their ratios are then comparable within the run); RSS is the process's, all rows alive
+    done = 0
+    while rows and done < args.max_tokens:
+        n = min(args.interleave, args.max_tokens - done)
+        for row in rows.values():
+            run_row(row, n)
+        done += n
+    for name, row in rows.items():
+        results[name] = row_result(args, name, models[name], row, all_tokens)
     for name, tokens in all_tokens.items():
         r = results[name]
         if "spikelm" in all_tokens:
@@ -281,13 +331,15 @@ def main() -> None:
           f"{'RSS growth':>12}{'cache@end MB':>13}{'same tokens':>12}")
     for name, r in results.items():
         m = r["checkpoints"]
-        growth = (m[cN]["rss_mb"] - m[c0]["rss_mb"]) / m[c0]["rss_mb"] * 100
+        # interleaved rows share one process's growth: no row's own
+        growth = None if args.interleave else (m[cN]["rss_mb"] - m[c0]["rss_mb"]) / m[c0]["rss_mb"] * 100
         r["rss_growth_pct"] = growth
         r["latency_ratio_last_first"] = r["last_1k_ms"] / r["first_1k_ms"]
         mb = r.get("weight_bytes_per_token")
         same = r.get("same_tokens_as_dense_eager")
         print(f"{name:<24}{r['params'] / 1e6:>8.1f}M{m[c0][rate]:>12.1f}{m[cN][rate]:>10.1f}"
-              f"{'-' if mb is None else f'{mb / 2**20:.1f}':>14}{growth:>11.2f}%{m[cN]['cache_mb']:>13.2f}"
+              f"{'-' if mb is None else f'{mb / 2**20:.1f}':>14}{'-' if growth is None else f'{growth:.2f}%':>12}"
+              f"{m[cN]['cache_mb']:>13.2f}"
               f"{'-' if same is None else str(same):>12}")
     if density is not None:
         print(f"\nspike density of the spike-fed linears (dense eager, first {args.density_tokens} steps): "
