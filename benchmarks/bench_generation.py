@@ -19,10 +19,11 @@ The SpikeLM model: random weights of a given shape (--vocab/--hidden/--layers, o
 e.g. configs/paper-137m.yaml), or a trained model (--model DIR, with --prompt-file giving real text
 for the prompt); Llama and Mamba get random weights and about the same parameter count.
 
-Rows run one after another (the default: each row's RSS and cache growth are its own) or, with
+Rows run one after another (the default: each row's RSS growth is its own) or, with
 --interleave N, in turns of N tokens each, every model alive: a change in the machine's speed during
 the run then reaches every row alike, so their ratios (sparse against dense compiled, say) compare
-within the run.
+within the run; the checkpoints' rss_mb is then the whole process's. Op calls per token count the
+decoding steps, not the prompt's prefill.
 
     python benchmarks/bench_generation.py                      # 1k..32k tokens, ~12M-param models
     python benchmarks/bench_generation.py --max-tokens 4096    # quicker
@@ -231,7 +232,8 @@ def row_result(args, name: str, model, row: dict, all_tokens: dict) -> dict:
         extra["sparse_mode"] = model.lm_head.sparse_mode
         extra["int8"] = model.lm_head.sparse_int8
         extra["op_calls_per_token"] = {b: n / args.max_tokens for b, n in row["calls"].items()}
-        extra["weight_copies_mb"] = layouts_nbytes() / 2**20  # the sparse layouts of every row so far
+        # the sparse layouts of every row so far (interleaved: of all rows, so in the meta only)
+        extra["weight_copies_mb"] = None if args.interleave else layouts_nbytes() / 2**20
     else:
         extra["weight_bytes_per_token"] = linear_weight_bytes(model)
     params = sum(p.numel() for p in model.parameters())
@@ -272,6 +274,8 @@ def main() -> None:
     parser.add_argument("--note", default=None, help="free text stored in the JSON")
     parser.add_argument("--out", default=os.path.join(RESULTS, "bench_generation"))
     args = parser.parse_args()
+    if args.interleave < 0:
+        parser.error(f"--interleave must be 0 (rows one after another) or a number of tokens, got {args.interleave}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     # each compiled SpikeLM row compiles the same decoding function again (and once more when KV caches grow)
@@ -297,9 +301,9 @@ def main() -> None:
         # when the attention blocks' KV caches reach the window
         with Stopwatch() as sw:
             decode(model, prompt, warmup, [])
-        rows[name] = {"warmup_s": sw.wall, "decoder": Decoder(model, prompt, checkpoints),
-                      "calls": dict.fromkeys(kernel_calls(), 0)}
-        if not args.interleave:  # one row at a time: each row's RSS and cache are its own
+        # the prompt's prefill happens here: the op calls counted below are the decoding steps' only
+        rows[name] = {"warmup_s": sw.wall, "decoder": Decoder(model, prompt, checkpoints), "calls": {}}
+        if not args.interleave:  # one row at a time: each row's RSS growth is its own
             run_row(rows[name], args.max_tokens)
             results[name] = row_result(args, name, model, rows.pop(name), all_tokens)
             del model
@@ -349,7 +353,7 @@ def main() -> None:
             "cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "args": vars(args),
             "weights": f"trained: {args.model}" if args.model else "random", "note": args.note,
-            "spike_density": density}
+            "spike_density": density, "weight_copies_mb": layouts_nbytes() / 2**20}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json.tmp", "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
