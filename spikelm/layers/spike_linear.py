@@ -90,9 +90,13 @@ class SpikeLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+def _spike_linears(module: nn.Module) -> list[SpikeLinear]:
+    return [m for m in module.modules() if isinstance(m, SpikeLinear)]
+
+
 def _set_on_spike_linears(module: nn.Module, **attributes) -> int:
     """Set attributes on every SpikeLinear inside module; returns how many there are."""
-    layers = [m for m in module.modules() if isinstance(m, SpikeLinear)]
+    layers = _spike_linears(module)
     for m in layers:
         for name, value in attributes.items():
             setattr(m, name, value)
@@ -119,7 +123,7 @@ def sparse_mode_as(module: nn.Module, mode: str):
     """Every SpikeLinear inside module in `mode` for the duration of the block, each layer's own mode and int8 flag
     restored afterwards."""
     check_sparse_mode(mode)
-    layers = [m for m in module.modules() if isinstance(m, SpikeLinear)]
+    layers = _spike_linears(module)
     saved = [(m.sparse_mode, m.sparse_int8) for m in layers]
     try:
         for m in layers:
