@@ -22,7 +22,8 @@ for the prompt); Llama and Mamba get random weights and about the same parameter
 Rows run one after another (the default: each row's RSS growth is its own) or, with
 --interleave N, in turns of N tokens each, every model alive: a change in the machine's speed during
 the run then reaches every row alike, so their ratios (sparse against dense compiled, say) compare
-within the run; the checkpoints' rss_mb is then the whole process's. Op calls per token count the
+within the run, and each row's speed-up over `spikelm_compiled` is also taken turn by turn (the median
+over turns, robust to drift between turns); the checkpoints' rss_mb is then the whole process's. Op calls per token count the
 decoding steps, not the prompt's prefill.
 
     python benchmarks/bench_generation.py                      # 1k..32k tokens, ~12M-param models
@@ -42,6 +43,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 from datetime import datetime, timezone
 
 import psutil
@@ -236,6 +238,9 @@ def row_result(args, name: str, model, row: dict, all_tokens: dict) -> dict:
         extra["weight_copies_mb"] = None if args.interleave else layouts_nbytes() / 2**20
     else:
         extra["weight_bytes_per_token"] = linear_weight_bytes(model)
+    if args.interleave:  # the mean of every turn: its ratio to another row's same turn is free of the drift between turns
+        n = args.interleave
+        extra["turn_ms"] = [sum(series[i:i + n]) / len(series[i:i + n]) * 1e3 for i in range(0, len(series), n)]
     params = sum(p.numel() for p in model.parameters())
     print(f"{name}: {params / 1e6:.1f}M params, first 1k {first * 1e3:.2f} ms/token, last 1k {last * 1e3:.2f} "
           "ms/token", flush=True)
@@ -345,6 +350,19 @@ def main() -> None:
               f"{'-' if mb is None else f'{mb / 2**20:.1f}':>14}{'-' if growth is None else f'{growth:.2f}%':>12}"
               f"{m[cN]['cache_mb']:>13.2f}"
               f"{'-' if same is None else str(same):>12}")
+    reference = "spikelm_compiled"
+    if args.interleave and reference in results:
+        # per turn, how much faster than dense compiled each row ran in that same turn: the median over turns is
+        # robust to a machine whose speed changes during the run, where the ratio of whole-run rates is not
+        print(f"\nspeed-up over {reference}, per turn of {args.interleave} tokens: median (min-max)")
+        ref_turns = results[reference]["turn_ms"]
+        for name, r in results.items():
+            ratios = sorted(a / b for a, b in zip(ref_turns, r["turn_ms"]))
+            r["turn_speedup_over_dense_compiled"] = {"median": statistics.median(ratios), "min": ratios[0],
+                                                     "max": ratios[-1], "turns": len(ratios)}
+            if name != reference:
+                print(f"  {name:<24}{statistics.median(ratios):6.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f}, "
+                      f"{len(ratios)} turns)")
     if density is not None:
         print(f"\nspike density of the spike-fed linears (dense eager, first {args.density_tokens} steps): "
               f"{density['mean_density']:.3f} by inputs, {density['weight_weighted_density']:.3f} by weights")
