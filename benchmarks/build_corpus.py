@@ -196,6 +196,22 @@ def is_validation(doc_id: str, val_percent: int) -> bool:
     return int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) % 100 < val_percent
 
 
+def report_changes(manifest_path: Path, manifest: dict) -> None:
+    """Say which archives and outputs differ from the manifest about to be replaced: Debian replaces a package in
+    its archive with each point release, so a later build may read other texts (and a tokenizer trained on them
+    splits text differently), and perplexities measured on the earlier corpus are then not comparable."""
+    if not manifest_path.exists():
+        return
+    old = json.loads(manifest_path.read_text())
+    changed = [f"{name}: {old['archives'].get(name, {}).get('file')} -> {a['file']}"
+               for name, a in manifest["archives"].items() if old.get("archives", {}).get(name, {}).get("sha256") != a["sha256"]]
+    changed += [f"{split}.jsonl: {old['outputs'].get(split, {}).get('docs')} -> {o['docs']} documents, sha256 differs"
+                for split, o in manifest["outputs"].items() if old.get("outputs", {}).get(split, {}).get("sha256") != o["sha256"]]
+    if changed:
+        print(f"note: this corpus differs from the one {manifest_path} described (results measured on that one are "
+              "not comparable with results on this one):\n  " + "\n  ".join(changed))
+
+
 def build(out: Path, downloads: Path, manifest_path: Path, val_percent: int = 5) -> dict:
     archives = fetch(downloads)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,6 +257,7 @@ def build(out: Path, downloads: Path, manifest_path: Path, val_percent: int = 5)
                     for split in ("train", "validation")},
         "command": "python benchmarks/build_corpus.py " + " ".join(sys.argv[1:]),
     }
+    report_changes(manifest_path, manifest)
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
